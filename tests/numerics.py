@@ -1,0 +1,45 @@
+"""Tolerances by dtype, shared by the kernel tests.
+
+fp32: elementwise, rtol 1e-5 with an absolute floor of 1e-5 x the largest |reference|
+(sums over tokens reorder additions).
+fp16/bf16: the kernel's worst error against an fp32 reference may be at most twice the
+worst error of torch's own computation in that dtype against the same reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP32_RTOL = 1e-5
+
+
+def assert_close_fp32(actual: torch.Tensor, expected: torch.Tensor, name: str,
+                      rtol: float = FP32_RTOL) -> None:
+    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values (unwritten output?)"
+    floor = rtol * float(expected.abs().max().clamp_min(1e-30))
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=rtol, atol=floor,
+                               msg=lambda m: f"{name}: {m}")
+
+
+def assert_within_torch_error(actual: torch.Tensor, torch_lowp: torch.Tensor,
+                              truth: torch.Tensor, name: str, factor: float = 2.0) -> None:
+    """actual, torch_lowp: results in fp16/bf16; truth: the fp32 computation."""
+    assert actual.shape == truth.shape, f"{name}: shape {actual.shape} != {truth.shape}"
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values (unwritten output?)"
+    truth = truth.float()
+    err = (actual.float() - truth).abs().max().item()
+    ref_err = (torch_lowp.float() - truth).abs().max().item()
+    # When torch is exact in low precision, allow one ulp of the dtype at the output scale.
+    ulp = torch.finfo(actual.dtype).eps * float(truth.abs().max().clamp_min(1e-30))
+    bound = factor * max(ref_err, ulp)
+    assert err <= bound, f"{name}: max error {err:.3e} > {factor} x torch's {ref_err:.3e}"
+
+
+def assert_matches(actual: torch.Tensor, torch_same_dtype: torch.Tensor, truth: torch.Tensor,
+                   name: str) -> None:
+    """Dispatch on dtype: fp32 elementwise, fp16/bf16 against torch's own error."""
+    if actual.dtype == torch.float32:
+        assert_close_fp32(actual, truth, name)
+    else:
+        assert_within_torch_error(actual, torch_same_dtype, truth, name)
