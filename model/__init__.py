@@ -1,0 +1,50 @@
+"""SD-DiT, DiT and MaskDiT on one DiT backbone, with EDM preconditioning and sampling.
+
+    net = model.build("SD-DiT-XL/2", use_kernels=True)
+    losses = net.training_losses(x0, y)          # {"loss", "gen", "dis"}
+    net.update_teacher(model.teacher_momentum(step, total_steps))
+    images = model.edm_sample(net, labels, seeds)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from torch import nn
+
+from model.attention import available_attention_backends
+from model.config import ModelConfig, make_config
+from model.flops import flops_per_image
+from model.methods import DiffusionTransformer
+from model.sampler import edm_sample
+
+
+def build(name: str, **overrides: Any) -> DiffusionTransformer:
+    """A network from a preset name ('SD-DiT-XL/2', 'MaskDiT-B/4', 'DiT-tiny', ...) and
+    config overrides; unknown override keys raise ValueError listing the valid fields."""
+    return DiffusionTransformer(make_config(name, **overrides))
+
+
+def teacher_momentum(step: int, total_steps: int, base: float = 0.996, final: float = 1.0
+                     ) -> float:
+    """Cosine schedule from base (step 0) to final (the last step), iBOT/DINO style."""
+    progress = min(max(step / max(total_steps, 1), 0.0), 1.0)
+    return final - (final - base) * (math.cos(math.pi * progress) + 1) / 2
+
+
+def attention_backend(net: nn.Module) -> str:
+    return net.attention_backend
+
+
+__all__ = [
+    "DiffusionTransformer",
+    "ModelConfig",
+    "attention_backend",
+    "available_attention_backends",
+    "build",
+    "edm_sample",
+    "flops_per_image",
+    "make_config",
+    "teacher_momentum",
+]

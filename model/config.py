@@ -1,0 +1,229 @@
+"""Model configuration: one frozen dataclass and the named presets.
+
+SD-DiT, DiT and MaskDiT are configurations of the same code. What a method does is read
+from its fields, not from its name:
+- mask_ratio > 0 masks the student encoder's input;
+- lambda_dis > 0 builds the EMA teacher and the iBOT-style heads;
+- decoder_depth / decoder_width / separate_decoder shape the decoder;
+- decoder_fill says what sits at masked positions before the decoder;
+- gen_loss_tokens and mae_weight shape the loss.
+Choices marked (assumed) in METHOD.md are fields with the stated defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Any
+
+METHODS = ("SD-DiT", "DiT", "MaskDiT")
+ATTENTION_BACKENDS = ("auto", "flash_attn", "xformers", "sdpa", "math")
+
+# DiT's sizes: (hidden_size, depth, num_heads).
+SIZES: dict[str, tuple[int, int, int]] = {
+    "S": (384, 12, 6),
+    "B": (768, 12, 12),
+    "L": (1024, 24, 16),
+    "XL": (1152, 28, 16),
+}
+PATCHES = (2, 4, 8)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    method: str = "SD-DiT"
+    # Data: ImageNet-256 latents through the SD VAE by default.
+    input_size: int = 32
+    in_channels: int = 4
+    num_classes: int = 1000
+    # Backbone.
+    patch_size: int = 2
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    # Decoder. Not separate: the last decoder_depth of `depth` blocks, at hidden width.
+    # Separate (MaskDiT): decoder_depth extra blocks of decoder_width after the encoder.
+    decoder_depth: int = 4
+    separate_decoder: bool = False
+    decoder_width: int | None = None  # None: hidden_size
+    decoder_num_heads: int | None = None  # None: num_heads
+    decoder_fill: str = "noisy"  # masked positions: 'noisy' tokens or a learned 'mask_token'
+    # Masking and losses.
+    mask_ratio: float = 0.2  # (assumed) SD-DiT's reported optimum
+    class_dropout: float = 0.1
+    gen_loss_tokens: str = "all"  # 'all' | 'kept'
+    mae_weight: float = 0.0
+    # EDM.
+    sigma_data: float = 0.5
+    P_mean: float = -1.2
+    P_std: float = 1.2
+    sigma_min: float = 0.002  # (assumed) the teacher view's noise level
+    # Discriminative branch (iBOT-style; all assumed).
+    lambda_dis: float = 0.1
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    n_prototypes: int = 4096
+    tau_s: float = 0.1
+    tau_t_start: float = 0.04
+    tau_t_end: float = 0.07
+    tau_t_warmup_frac: float = 0.1
+    center_momentum: float = 0.9
+    # Execution.
+    use_kernels: bool = False
+    attention: str = "auto"
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    # Derived quantities, so that every consumer agrees on them.
+    @property
+    def num_tokens(self) -> int:
+        return (self.input_size // self.patch_size) ** 2
+
+    @property
+    def num_kept(self) -> int:
+        """L_keep = L - round(r * L), the same count for every sample."""
+        return self.num_tokens - int(round(self.mask_ratio * self.num_tokens))
+
+    @property
+    def encoder_depth(self) -> int:
+        return self.depth if self.separate_decoder else self.depth - self.decoder_depth
+
+    @property
+    def dec_width(self) -> int:
+        if self.separate_decoder and self.decoder_width:
+            return self.decoder_width
+        return self.hidden_size
+
+    @property
+    def dec_heads(self) -> int:
+        if self.separate_decoder and self.decoder_num_heads:
+            return self.decoder_num_heads
+        return self.num_heads
+
+    @property
+    def has_teacher(self) -> bool:
+        return self.lambda_dis > 0
+
+
+def _fail(field: str, message: str) -> None:
+    raise ValueError(f"model config: {field} {message}")
+
+
+def validate(c: ModelConfig) -> None:
+    if c.method not in METHODS:
+        _fail("method", f"must be one of {METHODS}, got {c.method!r}")
+    for name in ("input_size", "in_channels", "num_classes", "patch_size", "hidden_size",
+                 "depth", "num_heads"):
+        if not isinstance(getattr(c, name), int) or getattr(c, name) < 1:
+            _fail(name, f"must be a positive int, got {getattr(c, name)!r}")
+    if c.input_size % c.patch_size != 0:
+        _fail("patch_size", f"{c.patch_size} must divide input_size {c.input_size}")
+    if c.hidden_size % 4 != 0:
+        _fail("hidden_size", f"must be a multiple of 4 (2-D sin-cos position embedding), got "
+              f"{c.hidden_size}")
+    if c.hidden_size % c.num_heads != 0:
+        _fail("num_heads", f"{c.num_heads} must divide hidden_size {c.hidden_size}")
+    if not 0.0 <= c.mask_ratio < 1.0:
+        _fail("mask_ratio", f"must be in [0, 1), got {c.mask_ratio}")
+    if c.mask_ratio > 0 and c.num_kept < 1:
+        _fail("mask_ratio", f"{c.mask_ratio} keeps no token of {c.num_tokens}")
+    if not 0 <= c.decoder_depth < c.depth:
+        _fail("decoder_depth", f"must be in [0, depth={c.depth}), got {c.decoder_depth}")
+    if c.separate_decoder:
+        if c.decoder_depth < 1:
+            _fail("decoder_depth", "must be >= 1 with separate_decoder")
+        if c.dec_width % 4 != 0:
+            _fail("decoder_width", f"must be a multiple of 4, got {c.dec_width}")
+        if c.dec_width % c.dec_heads != 0:
+            _fail("decoder_num_heads", f"{c.dec_heads} must divide decoder width {c.dec_width}")
+    elif (c.decoder_width not in (None, c.hidden_size)
+          or c.decoder_num_heads not in (None, c.num_heads)):
+        _fail("decoder_width", "and decoder_num_heads need separate_decoder=True to differ "
+              "from hidden_size and num_heads")
+    if c.decoder_fill not in ("noisy", "mask_token"):
+        _fail("decoder_fill", f"must be 'noisy' or 'mask_token', got {c.decoder_fill!r}")
+    if c.gen_loss_tokens not in ("all", "kept"):
+        _fail("gen_loss_tokens", f"must be 'all' or 'kept', got {c.gen_loss_tokens!r}")
+    if c.attention not in ATTENTION_BACKENDS:
+        _fail("attention", f"must be one of {ATTENTION_BACKENDS}, got {c.attention!r}")
+    if not 0.0 <= c.class_dropout < 1.0:
+        _fail("class_dropout", f"must be in [0, 1), got {c.class_dropout}")
+    for name in ("lambda_dis", "mae_weight"):
+        if getattr(c, name) < 0:
+            _fail(name, f"must be >= 0, got {getattr(c, name)}")
+    if c.sigma_data <= 0 or c.sigma_min <= 0 or c.P_std <= 0:
+        _fail("sigma_data/sigma_min/P_std", "must be > 0")
+    if c.has_teacher:
+        if min(c.tau_s, c.tau_t_start, c.tau_t_end) <= 0:
+            _fail("tau_s/tau_t_start/tau_t_end", "must be > 0")
+        if not 0.0 <= c.center_momentum <= 1.0:
+            _fail("center_momentum", f"must be in [0, 1], got {c.center_momentum}")
+        if min(c.head_hidden_dim, c.head_bottleneck_dim, c.n_prototypes) < 1:
+            _fail("head dims", "must be positive")
+
+
+def method_defaults(method: str, depth: int, size: str) -> dict[str, Any]:
+    """What distinguishes the three methods, for a backbone of `depth` blocks."""
+    if method == "SD-DiT":
+        return dict(mask_ratio=0.2, decoder_depth=depth // 6, lambda_dis=0.1, mae_weight=0.0,
+                    decoder_fill="noisy", gen_loss_tokens="all",
+                    n_prototypes=8192 if size == "XL" else 4096)
+    if method == "DiT":
+        return dict(mask_ratio=0.0, decoder_depth=0, lambda_dis=0.0, mae_weight=0.0)
+    if method == "MaskDiT":
+        # (assumed) MaskDiT's XL decoder, 8 blocks of width 512, for every size.
+        return dict(mask_ratio=0.5, separate_decoder=True, decoder_depth=8, decoder_width=512,
+                    decoder_num_heads=16, decoder_fill="mask_token", gen_loss_tokens="kept",
+                    lambda_dis=0.0, mae_weight=0.1)
+    raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+
+
+def tiny_fields(method: str) -> dict[str, Any]:
+    """A CPU-sized model for 32x32 one-channel animal-mnist (256 tokens at patch 2)."""
+    fields = dict(input_size=32, in_channels=1, num_classes=10, patch_size=2, hidden_size=128,
+                  depth=6, num_heads=4, head_hidden_dim=256, head_bottleneck_dim=64,
+                  n_prototypes=512)
+    fields.update(method_defaults(method, 6, "tiny"))
+    if method == "SD-DiT":
+        fields["n_prototypes"] = 512
+    if method == "MaskDiT":
+        fields.update(decoder_depth=2, decoder_width=96, decoder_num_heads=4)
+    return fields
+
+
+_NAME = re.compile(r"^(SD-DiT|DiT|MaskDiT)-(?:(S|B|L|XL)/(\d+)|(tiny))$")
+
+
+def preset(name: str) -> dict[str, Any]:
+    """Config fields for a name like 'SD-DiT-XL/2', 'MaskDiT-B/4' or 'DiT-tiny'."""
+    match = _NAME.match(name)
+    if match is None:
+        raise ValueError(
+            f"unknown model name {name!r}: expected '<method>-<size>/<patch>' or '<method>-tiny' "
+            f"with method in {METHODS}, size in {tuple(SIZES)}, patch in {PATCHES}"
+        )
+    method, size, patch, tiny = match.groups()
+    if tiny:
+        return dict(method=method, **tiny_fields(method))
+    if int(patch) not in PATCHES:
+        raise ValueError(f"unknown patch size in {name!r}: expected one of {PATCHES}")
+    hidden, depth, heads = SIZES[size]
+    fields = dict(method=method, patch_size=int(patch), hidden_size=hidden, depth=depth,
+                  num_heads=heads)
+    fields.update(method_defaults(method, depth, size))
+    return fields
+
+
+def make_config(name: str, **overrides: Any) -> ModelConfig:
+    valid = [f.name for f in dataclasses.fields(ModelConfig)]
+    unknown = sorted(set(overrides) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown model config field(s) {unknown}; valid fields: {valid}")
+    fields = preset(name)
+    if "method" in overrides and overrides["method"] != fields["method"]:
+        raise ValueError(f"override method={overrides['method']!r} contradicts the name {name!r}")
+    fields.update(overrides)
+    return ModelConfig(**fields)

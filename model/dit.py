@@ -1,0 +1,88 @@
+"""The DiT backbone shared by SD-DiT, DiT and MaskDiT: F(x_in, c_noise, y).
+
+Stages, each a method so that the training losses can run them on chosen tokens:
+    embed      x_in [B, C, H, W]         -> tokens [B, L, D]   (patches + sin-cos position)
+    condition  c_noise [B], y [B]        -> c [B, D]
+    encode     tokens [B, T, D], c       -> z [B, T, D]        (T = L, or the kept L_keep)
+    decode     z, c, ids_keep, tokens    -> F [B, C, H, W]     (full L-token sequence)
+The decoder is either the last `decoder_depth` blocks of the depth at hidden width, or
+(separate_decoder) extra blocks of decoder_width behind a linear projection, MaskDiT style.
+EDM preconditioning lives apart, in `model/precond.py`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from model.config import ModelConfig
+from model.layers import (
+    DiTBlock,
+    FinalLayer,
+    LabelEmbedder,
+    PatchEmbed,
+    TimestepEmbedder,
+    run_blocks,
+    scatter_tokens,
+    sincos_pos_embed_2d,
+    unpatchify,
+)
+
+
+class DiTBackbone(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        cfg = self.config = config
+        D, Dd, grid = cfg.hidden_size, cfg.dec_width, cfg.input_size // cfg.patch_size
+        self.fused = cfg.use_kernels
+        self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, D)
+        self.t_embedder = TimestepEmbedder(D)
+        self.y_embedder = LabelEmbedder(cfg.num_classes, D)
+        # Fixed, so a buffer: it is neither trained nor part of the EMA.
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(D, grid)[None], persistent=False)
+        self.encoder = nn.ModuleList(
+            DiTBlock(D, cfg.num_heads, cfg.mlp_ratio, D, cfg.attention)
+            for _ in range(cfg.encoder_depth))
+        self.decoder = nn.ModuleList(
+            DiTBlock(Dd, cfg.dec_heads, cfg.mlp_ratio, D, cfg.attention)
+            for _ in range(cfg.decoder_depth))
+        self.decoder_embed = nn.Linear(D, Dd) if cfg.separate_decoder else None
+        if cfg.decoder_fill == "mask_token":
+            self.mask_token = nn.Parameter(torch.zeros(Dd))
+            self.register_buffer("decoder_pos_embed", sincos_pos_embed_2d(Dd, grid)[None],
+                                 persistent=False)
+        else:
+            self.mask_token = None
+        self.final_layer = FinalLayer(Dd, cfg.patch_size, cfg.in_channels, D)
+
+    def embed(self, x_in: torch.Tensor) -> torch.Tensor:
+        return self.x_embedder(x_in) + self.pos_embed  # [B, L, D]
+
+    def condition(self, c_noise: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.t_embedder(c_noise) + self.y_embedder(y)  # [B, D]
+
+    def encode(self, tokens: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        z, _ = run_blocks(self.encoder, tokens, c, self.fused)  # [B, T, D]
+        return z
+
+    def decode(self, z: torch.Tensor, c: torch.Tensor, ids_keep: torch.Tensor | None = None,
+               tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """z: encoder output [B, T, D] at ids_keep (T = L when ids_keep is None); tokens:
+        the student view's token embeddings [B, L, D], the 'noisy' fill."""
+        cfg, L = self.config, self.config.num_tokens
+        if ids_keep is not None and self.mask_token is None:
+            z = scatter_tokens(z, ids_keep, tokens, L, self.fused)  # [B, L, D]
+            ids_keep = None
+        if self.decoder_embed is not None:
+            z = self.decoder_embed(z)  # [B, T, Dd]
+        if self.mask_token is not None:
+            if ids_keep is not None:
+                z = scatter_tokens(z, ids_keep, self.mask_token, L, self.fused)  # [B, L, Dd]
+            z = z + self.decoder_pos_embed  # mask tokens learn where they are from this
+        _, h = run_blocks(self.decoder, z, c, self.fused, tail=self.final_layer.modulation(c))
+        return unpatchify(self.final_layer(h), cfg.patch_size, cfg.in_channels)  # [B, C, H, W]
+
+    def forward(self, x_in: torch.Tensor, c_noise: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Inference: every token through the encoder and decoder, no mask."""
+        c = self.condition(c_noise, y)
+        return self.decode(self.encode(self.embed(x_in), c), c)

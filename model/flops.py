@@ -1,0 +1,78 @@
+"""Analytic FLOPs per image: 2 x multiply-accumulates of the matmuls and convolutions.
+
+Counted like fvcore counts DiT (the 118.64 GMACs of DiT-XL/2): linear layers, the patch
+convolution and the two attention matmuls (QK^T and PV); norms, activations, softmax and
+elementwise ops are left out. Per-sample work (adaLN modulation, timestep MLP) is counted
+once per image.
+
+Training (`train=True`) counts one step's work per image: the trained parts (masked
+student encoder on L_keep tokens, decoder on L, head on L_keep) cost forward + 2 x forward
+for the backward; the teacher (SD-DiT) is forward only, its encoder on all L tokens of its
+view and its head on the L_keep tokens the loss uses.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from model.config import ModelConfig
+
+
+def block_macs(tokens: int, dim: int, mlp_ratio: float, cond_dim: int) -> int:
+    """One adaLN-Zero DiT block on `tokens` tokens of width dim."""
+    hidden = int(dim * mlp_ratio)
+    linear = tokens * (3 * dim * dim + dim * dim + 2 * dim * hidden)  # qkv, proj, fc1, fc2
+    attention = 2 * tokens * tokens * dim  # QK^T and PV over all heads
+    modulation = cond_dim * 6 * dim  # per sample
+    return linear + attention + modulation
+
+
+def embedder_macs(cfg: ModelConfig, freq_dim: int = 256) -> int:
+    """Patch embedding of all L tokens and the timestep MLP (the label lookup is free)."""
+    D, p = cfg.hidden_size, cfg.patch_size
+    return cfg.num_tokens * cfg.in_channels * p * p * D + freq_dim * D + D * D
+
+
+def encoder_macs(cfg: ModelConfig, tokens: int) -> int:
+    return cfg.encoder_depth * block_macs(tokens, cfg.hidden_size, cfg.mlp_ratio, cfg.hidden_size)
+
+
+def decoder_macs(cfg: ModelConfig, kept: int) -> int:
+    """Decoder on the full L-token sequence, then the final adaLN layer and projection. A
+    separate decoder's input projection runs before the scatter (on the `kept` encoder
+    outputs) with a mask-token fill, after it (on all L) with the noisy-token fill."""
+    D, Dd, L, p = cfg.hidden_size, cfg.dec_width, cfg.num_tokens, cfg.patch_size
+    projected = kept if cfg.decoder_fill == "mask_token" else L
+    projection = projected * D * Dd if cfg.separate_decoder else 0
+    blocks = cfg.decoder_depth * block_macs(L, Dd, cfg.mlp_ratio, D)
+    final = D * 2 * Dd + L * Dd * p * p * cfg.in_channels
+    return projection + blocks + final
+
+
+def head_macs(cfg: ModelConfig, tokens: int) -> int:
+    if not cfg.has_teacher:
+        return 0
+    D, h, b = cfg.hidden_size, cfg.head_hidden_dim, cfg.head_bottleneck_dim
+    return tokens * (D * h + h * h + h * b + b * cfg.n_prototypes)
+
+
+def forward_macs(cfg: ModelConfig) -> int:
+    """Inference: every token through encoder and decoder; no teacher, no heads."""
+    L = cfg.num_tokens
+    return embedder_macs(cfg) + encoder_macs(cfg, L) + decoder_macs(cfg, L)
+
+
+def training_macs(cfg: ModelConfig) -> int:
+    kept = cfg.num_kept if cfg.mask_ratio > 0 else cfg.num_tokens
+    student = (embedder_macs(cfg) + encoder_macs(cfg, kept) + decoder_macs(cfg, kept)
+               + head_macs(cfg, kept))
+    teacher = 0
+    if cfg.has_teacher:
+        teacher = embedder_macs(cfg) + encoder_macs(cfg, cfg.num_tokens) + head_macs(cfg, kept)
+    return 3 * student + teacher
+
+
+def flops_per_image(net: nn.Module | ModelConfig, train: bool) -> float:
+    """FLOPs (2 x MACs) for one image: a forward pass, or a full training step's work."""
+    cfg = net if isinstance(net, ModelConfig) else net.config
+    return 2.0 * float(training_macs(cfg) if train else forward_macs(cfg))

@@ -1,0 +1,229 @@
+"""DiT building blocks: embedders, the adaLN-Zero block, the final layer, token ops.
+
+Every op that has a fused kernel comes in two numerically equivalent paths, picked by
+`fused`: plain torch (the reference) or `sdkernels` (Triton on CUDA / the interpreter).
+Weights are initialised in one place, `DiffusionTransformer.initialize_weights`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.attention import Attention
+
+LN_EPS = 1e-6
+
+
+# ----------------------------------------------------------------------------- token ops
+def modulate_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, fused: bool
+                  ) -> torch.Tensor:
+    """LayerNorm(x) * (1 + scale) + shift; x [B, T, D], shift/scale [B, D]."""
+    if fused:
+        import sdkernels
+
+        return sdkernels.adaln_modulate(x, shift.to(x.dtype), scale.to(x.dtype), LN_EPS)
+    h = F.layer_norm(x, x.shape[-1:], eps=LN_EPS)  # [B, T, D]
+    return h * (1 + scale[:, None]) + shift[:, None]
+
+
+def residual_gate_norm(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor,
+                       shift: torch.Tensor | None, scale: torch.Tensor | None, fused: bool
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x + gate * y, and the next sub-block's modulated input when shift/scale are given."""
+    if shift is None or scale is None:
+        return x + gate[:, None].to(x.dtype) * y.to(x.dtype), None
+    if fused:
+        import sdkernels
+
+        return sdkernels.residual_gate_adaln(x, *(t.to(x.dtype) for t in (y, gate, shift, scale)),
+                                             eps=LN_EPS)
+    x = x + gate[:, None] * y  # [B, T, D]
+    return x, modulate_norm(x, shift, scale, fused=False)
+
+
+def gather_tokens(x: torch.Tensor, ids_keep: torch.Tensor, fused: bool) -> torch.Tensor:
+    """x [B, L, D], ids_keep [B, K] -> [B, K, D]."""
+    if fused:
+        import sdkernels
+
+        return sdkernels.gather_tokens(x, ids_keep, check_ids=False)  # ids from argsort
+    return torch.gather(x, 1, ids_keep[:, :, None].expand(-1, -1, x.shape[-1]))
+
+
+def scatter_tokens(x_keep: torch.Tensor, ids_keep: torch.Tensor, fill: torch.Tensor,
+                   length: int, fused: bool) -> torch.Tensor:
+    """x_keep [B, K, D] at ids_keep; every other position of the [B, L, D] output is `fill`
+    ([B, L, D] noisy tokens, or a [D] mask token)."""
+    if fused:
+        import sdkernels
+
+        return sdkernels.scatter_tokens(x_keep, ids_keep, fill.to(x_keep.dtype), length,
+                                       check_ids=False)
+    B, _, D = x_keep.shape
+    base = fill.to(x_keep.dtype).expand(B, length, D)  # [B, L, D]
+    return base.scatter(1, ids_keep[:, :, None].expand(-1, -1, D), x_keep)
+
+
+def random_keep_ids(batch: int, length: int, num_kept: int, device: torch.device) -> torch.Tensor:
+    """Per sample, the first num_kept of a random permutation (MAE style), sorted: [B, K]."""
+    noise = torch.rand(batch, length, device=device)  # [B, L]
+    ids_keep = noise.argsort(dim=1)[:, :num_kept]
+    return ids_keep.sort(dim=1).values  # sorted: kept tokens stay in raster order
+
+
+def kept_patch_weight(ids_keep: torch.Tensor, length: int) -> torch.Tensor:
+    """[B, K] kept ids -> [B, L] with 1 at kept positions and 0 elsewhere."""
+    weight = torch.zeros(ids_keep.shape[0], length, device=ids_keep.device)
+    return weight.scatter(1, ids_keep, 1.0)
+
+
+# ----------------------------------------------------------------------------- embedders
+def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding [grid*grid, dim]: half the channels encode x,
+    half encode y, each as sin/cos at geometric frequencies."""
+    def one_axis(pos: torch.Tensor, d: int) -> torch.Tensor:
+        omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d // 2))
+        angles = pos.flatten()[:, None] * omega[None]  # [grid*grid, d/2]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    coords = torch.arange(grid, dtype=torch.float64)
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+    return torch.cat([one_axis(xx, dim // 2), one_axis(yy, dim // 2)], dim=1).float()
+
+
+class PatchEmbed(nn.Module):
+    """[B, C, H, W] -> [B, L, D] with non-overlapping p x p patches in raster order."""
+
+    def __init__(self, patch_size: int, in_channels: int, dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # [B, L, D]
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar noise level (EDM's c_noise) -> [B, D]: sinusoidal features, then an MLP."""
+
+    def __init__(self, dim: int, freq_dim: int = 256, max_period: float = 10000.0) -> None:
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.max_period = max_period
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(self.max_period) *
+                          torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        angles = t.float()[:, None] * freqs[None]  # [B, half]
+        features = torch.cat([angles.cos(), angles.sin()], dim=-1)  # [B, freq_dim]
+        return self.mlp(features.to(self.mlp[0].weight.dtype))  # [B, D]
+
+
+class LabelEmbedder(nn.Module):
+    """Class label -> [B, D]; index num_classes is the learned null class for CFG."""
+
+    def __init__(self, num_classes: int, dim: int) -> None:
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + 1, dim)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.embedding_table(y)  # [B, D]
+
+
+def drop_labels(y: torch.Tensor, prob: float, null_class: int) -> torch.Tensor:
+    """Replace labels by the null class with probability `prob` (classifier-free guidance)."""
+    if prob <= 0:
+        return y
+    drop = torch.rand(y.shape, device=y.device) < prob  # [B]
+    return torch.where(drop, torch.full_like(y, null_class), y)
+
+
+# ----------------------------------------------------------------------------- blocks
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Modulation(NamedTuple):
+    shift_msa: torch.Tensor  # each [B, D]
+    scale_msa: torch.Tensor
+    gate_msa: torch.Tensor
+    shift_mlp: torch.Tensor
+    scale_mlp: torch.Tensor
+    gate_mlp: torch.Tensor
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero transformer block. The caller passes this block's modulated attention
+    input h and the next sub-block's (shift, scale), so that each residual add is fused
+    with the following adaLN (`residual_gate_norm`)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, cond_dim: int,
+                 attention: str) -> None:
+        super().__init__()
+        self.attn = Attention(dim, num_heads, attention)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 6 * dim))
+
+    def modulation(self, c: torch.Tensor) -> Modulation:
+        return Modulation(*self.adaLN_modulation(c).chunk(6, dim=-1))  # 6 x [B, D]
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor, mod: Modulation,
+                next_shift_scale: tuple[torch.Tensor, torch.Tensor] | None, fused: bool
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x, h = residual_gate_norm(x, self.attn(h), mod.gate_msa, mod.shift_mlp, mod.scale_mlp,
+                                  fused)
+        shift, scale = next_shift_scale if next_shift_scale is not None else (None, None)
+        return residual_gate_norm(x, self.mlp(h), mod.gate_mlp, shift, scale, fused)
+
+
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, c: torch.Tensor, fused: bool,
+               tail: tuple[torch.Tensor, torch.Tensor] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run a stack on x [B, T, D] under conditioning c [B, Dc]. Returns the residual stream
+    and, when `tail` (shift, scale) is given, its modulated norm for the layer that follows."""
+    if len(blocks) == 0:
+        return x, (modulate_norm(x, *tail, fused) if tail is not None else None)
+    mods = [block.modulation(c) for block in blocks]
+    h = modulate_norm(x, mods[0].shift_msa, mods[0].scale_msa, fused)  # [B, T, D]
+    for i, (block, mod) in enumerate(zip(blocks, mods, strict=True)):
+        nxt = (mods[i + 1].shift_msa, mods[i + 1].scale_msa) if i + 1 < len(blocks) else tail
+        x, h = block(x, h, mod, nxt, fused)
+    return x, h
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale) of the last hidden state, then a linear map to p*p*C per token."""
+
+    def __init__(self, dim: int, patch_size: int, out_channels: int, cond_dim: int) -> None:
+        super().__init__()
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * dim))
+        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
+
+    def modulation(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)  # 2 x [B, D]
+        return shift, scale
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """h: the modulated norm [B, L, D] -> [B, L, p*p*C]."""
+        return self.linear(h)
+
+
+def unpatchify(x: torch.Tensor, patch_size: int, channels: int) -> torch.Tensor:
+    """[B, L, p*p*C] (per token: p rows of p columns of C) -> [B, C, H, W]."""
+    B, L, _ = x.shape
+    p, g = patch_size, int(math.isqrt(L))
+    x = x.reshape(B, g, g, p, p, channels)  # [B, h, w, p, p, C]
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(B, channels, g * p, g * p)

@@ -1,0 +1,185 @@
+"""SD-DiT, DiT and MaskDiT: one network class whose config says which method it trains.
+
+Training step (`training_losses`), following METHOD.md:
+1. sigma = exp(P_mean + P_std N(0,1)), noise n; student view x0 + sigma n, teacher view
+   x0 + sigma_min n (same n); EDM preconditioning of both.
+2. Tokens and conditioning; labels dropped to the null class with p = class_dropout.
+3. Per-sample random keep set of L_keep tokens (mask_ratio > 0).
+4. Student encoder on the kept tokens -> z_s [B, L_keep, D].
+5. (SD-DiT) Teacher on all tokens of the teacher view, no grad; self-distillation loss
+   between the heads' outputs at the kept tokens.
+6. Decoder on the full sequence (z_s at kept positions; noisy tokens or a mask token at the
+   others) -> F; EDM loss on all tokens, or the kept ones (MaskDiT), plus MaskDiT's MAE term.
+Inference (`denoise`) runs every token through encoder and decoder; no teacher, no heads.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from model.attention import Attention, resolve_backend
+from model.config import ModelConfig
+from model.dit import DiTBackbone
+from model.heads import (
+    DiscriminativeHead,
+    EMATeacher,
+    self_distillation_loss,
+    teacher_temperature,
+    update_center_,
+)
+from model.layers import drop_labels, gather_tokens, kept_patch_weight, random_keep_ids
+from model.precond import edm_loss, edm_scalings, mae_loss, per_sample, precondition, sample_sigma
+
+
+class DiffusionTransformer(nn.Module):
+    """The trained network. The teacher (SD-DiT only) is a submodule whose parameters have
+    requires_grad=False: optimisers that take `p for p in parameters() if p.requires_grad`
+    ignore it, and it is saved in the state dict with the student."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.backbone = DiTBackbone(config)
+        self.head: DiscriminativeHead | None = None
+        self.teacher: EMATeacher | None = None
+        if config.has_teacher:
+            self.head = DiscriminativeHead(config.hidden_size, config.head_hidden_dim,
+                                           config.head_bottleneck_dim, config.n_prototypes)
+            self.register_buffer("center", torch.zeros(config.n_prototypes))
+            self.register_buffer("tau_t", torch.tensor(config.tau_t_start), persistent=False)
+        self.initialize_weights()
+        if config.has_teacher:
+            self.teacher = EMATeacher(self.backbone, self.head)  # starts equal to the student
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """All initialisation, DiT style: xavier linears, zero adaLN and output layers."""
+        def basic_init(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+        self.apply(basic_init)
+        bb = self.backbone
+        w = bb.x_embedder.proj.weight  # like a linear on the flattened patch
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(bb.x_embedder.proj.bias)
+        nn.init.normal_(bb.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(bb.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(bb.t_embedder.mlp[2].weight, std=0.02)
+        for block in [*bb.encoder, *bb.decoder]:  # adaLN-Zero: every block starts as identity
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        nn.init.zeros_(bb.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(bb.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(bb.final_layer.linear.weight)
+        nn.init.zeros_(bb.final_layer.linear.bias)
+        if bb.mask_token is not None:
+            nn.init.normal_(bb.mask_token, std=0.02)
+        if self.head is not None:
+            for layer in self.head.mlp:
+                if isinstance(layer, nn.Linear):
+                    nn.init.trunc_normal_(layer.weight, std=0.02)
+            nn.init.normal_(self.head.prototypes, std=1.0)
+
+    # ------------------------------------------------------------------------- training
+    def training_losses(self, x0: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """x0 [B, C, H, W], y [B] -> {"loss", "gen", and "dis" (SD-DiT) / "mae" (MaskDiT)}.
+        Noise, sigma, label dropout and masks come from the global RNG on x0's device."""
+        cfg, bb, fused = self.config, self.backbone, self.config.use_kernels
+        B, L, device = x0.shape[0], cfg.num_tokens, x0.device
+        sigma = sample_sigma(B, cfg.P_mean, cfg.P_std, device)  # [B]
+        noise = torch.randn_like(x0)  # [B, C, H, W]
+        y = drop_labels(y, cfg.class_dropout, cfg.num_classes)  # [B]
+        views = precondition(x0, noise, sigma, cfg.sigma_min if cfg.has_teacher else None,
+                             cfg.sigma_data, fused)
+        ids_keep = random_keep_ids(B, L, cfg.num_kept, device) if cfg.mask_ratio > 0 else None
+
+        tokens = bb.embed(views.x_in)  # [B, L, D]
+        c = bb.condition(views.c_noise, y)  # [B, D]
+        kept = gather_tokens(tokens, ids_keep, fused) if ids_keep is not None else tokens
+        z = bb.encode(kept, c)  # [B, L_keep, D]
+        F = bb.decode(z, c, ids_keep, tokens)  # [B, C, H, W]
+
+        kept_weight = kept_patch_weight(ids_keep, L) if ids_keep is not None else None  # [B, L]
+        gen_weight = kept_weight if cfg.gen_loss_tokens == "kept" else None
+        gen = edm_loss(F, views.x_noisy, x0, sigma, cfg.sigma_data, gen_weight, cfg.patch_size,
+                       fused).mean()
+        losses = {"gen": gen}
+        total = gen
+        if cfg.has_teacher:
+            losses["dis"] = self.discriminative_loss(z, views.x_in_teacher, y, ids_keep)
+            total = total + cfg.lambda_dis * losses["dis"]
+        if cfg.mae_weight > 0 and kept_weight is not None:
+            losses["mae"] = mae_loss(F, views.x_noisy, sigma, cfg.sigma_data, 1 - kept_weight,
+                                     cfg.patch_size).mean()
+            total = total + cfg.mae_weight * losses["mae"]
+        losses["loss"] = total
+        return losses
+
+    def discriminative_loss(self, z_s: torch.Tensor, x_in_teacher: torch.Tensor,
+                            y: torch.Tensor, ids_keep: torch.Tensor | None) -> torch.Tensor:
+        """z_s: student encoder output [B, L_keep, D]; the teacher sees every token of its view."""
+        cfg = self.config
+        c_noise_t = torch.full(y.shape, math.log(cfg.sigma_min) / 4, device=y.device)  # [B]
+        teacher_logits = self.teacher(x_in_teacher, c_noise_t, y, self.backbone.pos_embed,
+                                      ids_keep, cfg.use_kernels)  # [B, L_keep, K], no grad
+        student_logits = self.head(z_s)  # [B, L_keep, K]
+        loss = self_distillation_loss(student_logits, teacher_logits, self.center, cfg.tau_s,
+                                      self.tau_t)
+        if self.training:
+            update_center_(self.center, teacher_logits, cfg.center_momentum)
+        return loss
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """teacher <- momentum * teacher + (1 - momentum) * student (SD-DiT; else a no-op)."""
+        if self.teacher is not None:
+            self.teacher.ema_update_(self.backbone, self.head, momentum)
+
+    def set_progress(self, step: int, total_steps: int) -> None:
+        """Teacher-temperature warm-up (SD-DiT; else a no-op)."""
+        if self.teacher is not None:
+            cfg = self.config
+            self.tau_t.fill_(teacher_temperature(step, total_steps, cfg.tau_t_start,
+                                                 cfg.tau_t_end, cfg.tau_t_warmup_frac))
+
+    # ------------------------------------------------------------------------- inference
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor | float, y: torch.Tensor,
+                cfg_scale: float = 1.0) -> torch.Tensor:
+        """EDM's D(x; sigma) on all tokens; CFG over all channels with the null class.
+        x [B, C, H, W] in any float dtype (computed in fp32, returned in x's dtype)."""
+        out_dtype, x = x.dtype, x.float()
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
+        sigma = sigma.expand(x.shape[0])  # [B]
+        if cfg_scale == 1.0:
+            return self._denoise(x, sigma, y).to(out_dtype)
+        null = torch.full_like(y, self.config.num_classes)
+        both = self._denoise(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([y, null]))
+        cond, uncond = both.chunk(2)  # [B, C, H, W] each
+        return (uncond + cfg_scale * (cond - uncond)).to(out_dtype)
+
+    def _denoise(self, x: torch.Tensor, sigma: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        s = edm_scalings(sigma, self.config.sigma_data)
+        F = self.backbone(per_sample(s.c_in, x) * x, s.c_noise, y)  # [B, C, H, W]
+        return per_sample(s.c_skip, x) * x + per_sample(s.c_out, x) * F.float()
+
+    # ------------------------------------------------------------------------- reporting
+    @property
+    def attention_backend(self) -> str:
+        """The backend the latest forward ran on; before any, the one fp32 tensors on this
+        net's device would get (autocast to fp16/bf16 on CUDA may then pick a faster one)."""
+        for module in self.backbone.modules():
+            if isinstance(module, Attention) and module.last_backend is not None:
+                return module.last_backend
+        cfg = self.config
+        if cfg.attention != "auto":
+            return cfg.attention
+        weight = self.backbone.final_layer.linear.weight
+        probe = torch.empty(1, 1, cfg.num_heads, cfg.hidden_size // cfg.num_heads,
+                            device=weight.device, dtype=weight.dtype)
+        return resolve_backend("auto", probe)
