@@ -25,14 +25,20 @@ from bench._harness import (
     write_json,
 )
 
-CASE_MODULES = {"adaln": "bench.cases.adaln", "tokens": "bench.cases.tokens", "edm": "bench.cases.edm"}
+CASE_MODULES = {
+    "adaln": "bench.cases.adaln",
+    "tokens": "bench.cases.tokens",
+    "edm": "bench.cases.edm",
+}
 
 
 def load_cases(families: list[str]) -> list[KernelCase]:
     cases: list[KernelCase] = []
     for family in families:
         if family not in CASE_MODULES:
-            raise ValueError(f"--ops: unknown family {family!r}; choose from {sorted(CASE_MODULES)}")
+            raise ValueError(
+                f"--ops: unknown family {family!r}; choose from {sorted(CASE_MODULES)}"
+            )
         cases += importlib.import_module(CASE_MODULES[family]).CASES
     return cases
 
@@ -50,25 +56,39 @@ def bench_case(case: KernelCase, copy_gbs: float, reps: int) -> list[dict[str, A
             times[name] = cuda_median_ms(make(fn, inputs), reps=reps)
         for name, ms in times.items():
             gbs = nbytes / (ms * 1e-3) / 1e9
-            rows.append({
-                "op": case.op, "shape": case.shape, "direction": direction, "provider": name,
-                "median_ms": ms, "bytes": nbytes, "gbs": gbs, "pct_copy_bw": 100 * gbs / copy_gbs,
-                "speedup_vs_compile": times["compile"] / ms,
-            })
+            rows.append(
+                {
+                    "op": case.op,
+                    "shape": case.shape,
+                    "direction": direction,
+                    "provider": name,
+                    "median_ms": ms,
+                    "bytes": nbytes,
+                    "gbs": gbs,
+                    "pct_copy_bw": 100 * gbs / copy_gbs,
+                    "speedup_vs_compile": times["compile"] / ms,
+                }
+            )
     return rows
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    print(f"{'op':<22}{'shape':<22}{'dir':<5}{'provider':<9}{'ms':>9}{'GB/s':>9}{'%copy':>7}"
-          f"{'x cmp':>7}")
+    print(
+        f"{'op':<22}{'shape':<22}{'dir':<5}{'provider':<9}{'ms':>9}{'GB/s':>9}{'%copy':>7}"
+        f"{'x cmp':>7}"
+    )
     for r in rows:
-        print(f"{r['op']:<22}{r['shape']:<22}{r['direction']:<5}{r['provider']:<9}"
-              f"{r['median_ms']:>9.4f}{r['gbs']:>9.0f}{r['pct_copy_bw']:>7.1f}"
-              f"{r['speedup_vs_compile']:>7.2f}")
+        print(
+            f"{r['op']:<22}{r['shape']:<22}{r['direction']:<5}{r['provider']:<9}"
+            f"{r['median_ms']:>9.4f}{r['gbs']:>9.0f}{r['pct_copy_bw']:>7.1f}"
+            f"{r['speedup_vs_compile']:>7.2f}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--out", default="bench-out/kernels.json")
     parser.add_argument("--ops", default=",".join(CASE_MODULES))
     parser.add_argument("--reps", type=int, default=100)

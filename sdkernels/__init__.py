@@ -5,7 +5,12 @@ reference otherwise; see `_runtime.py`.
 """
 
 from sdkernels._runtime import current_backend, force_backend, poison_outputs
-from sdkernels.adaln import adaln_modulate, adaln_modulate_ref, residual_gate_adaln, residual_gate_adaln_ref
+from sdkernels.adaln import (
+    adaln_modulate,
+    adaln_modulate_ref,
+    residual_gate_adaln,
+    residual_gate_adaln_ref,
+)
 from sdkernels.edm import edm_loss, edm_loss_ref, edm_precondition, edm_precondition_ref
 from sdkernels.tokens import gather_tokens, gather_tokens_ref, scatter_tokens, scatter_tokens_ref
 

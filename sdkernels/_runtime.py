@@ -70,7 +70,9 @@ def poison_outputs(enabled: bool = True) -> Iterator[None]:
         _poison = previous
 
 
-def empty(shape: tuple[int, ...] | list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def empty(
+    shape: tuple[int, ...] | list[int], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
     """Launchers allocate outputs and scratch through this, never torch.empty directly."""
     if not _poison:
         return torch.empty(shape, dtype=dtype, device=device)
