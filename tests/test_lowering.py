@@ -19,7 +19,7 @@ SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 @pytest.fixture(scope="module")
 def reports() -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "sdkernels._lowering"], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "sdkernels"], capture_output=True,
                           text=True, env=env, timeout=600)
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert lines, f"no kernels lowered:\n{proc.stderr[-4000:]}"
