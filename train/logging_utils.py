@@ -1,0 +1,191 @@
+"""Run outputs: JSONL metrics, TensorBoard when it imports, GPU telemetry, PNG grids and
+the loss curve. Each optional piece degrades to nothing (and says so once) when its
+package or driver is missing."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+
+class MetricsLogger:
+    """Appends one JSON object per line to <run>/metrics.jsonl and mirrors numeric values
+    to TensorBoard. Only the main rank writes."""
+
+    def __init__(self, run_dir: str, enabled: bool = True, tensorboard: bool = True) -> None:
+        self.enabled = enabled
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.notes: list[str] = []
+        self._file = None
+        self._tb = None
+        if not enabled:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        self._file = open(self.path, "a")  # noqa: SIM115 - lives as long as the run
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            except ImportError as exc:
+                self.notes.append(f"TensorBoard disabled ({exc}); metrics go to {self.path}")
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"time": round(time.time(), 3), **record}
+        self._file.write(json.dumps(record, default=_jsonable) + "\n")
+        self._file.flush()
+        if self._tb is not None and "step" in record:
+            for key, value in record.items():
+                if key not in ("step", "time") and isinstance(value, int | float) \
+                        and not isinstance(value, bool):
+                    self._tb.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class GpuTelemetry:
+    """Utilisation, memory, power and clocks of one GPU through pynvml (nvidia-ml-py).
+    Without the package, a driver or a CUDA device, read() returns {}."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._nvml = None
+        self._handle = None
+        self.note = ""
+        if device.type != "cuda":
+            return
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            self._handle = pynvml.nvmlDeviceGetHandleByIndex(_physical_index(index))
+            self._nvml = pynvml
+        except ImportError:
+            self.note = "GPU telemetry off: nvidia-ml-py (pynvml) is not installed"
+        except Exception as exc:  # NVMLError_LibraryNotFound, driver mismatch, ...
+            self.note = f"GPU telemetry off: {exc}"
+
+    def read(self) -> dict[str, float]:
+        if self._nvml is None:
+            return {}
+        nv, h = self._nvml, self._handle
+        try:
+            util = nv.nvmlDeviceGetUtilizationRates(h)
+            mem = nv.nvmlDeviceGetMemoryInfo(h)
+            return {
+                "gpu/util_pct": float(util.gpu),
+                "gpu/mem_used_gib": mem.used / 2**30,
+                "gpu/power_w": nv.nvmlDeviceGetPowerUsage(h) / 1000.0,
+                "gpu/sm_clock_mhz": float(nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_SM)),
+                "gpu/mem_clock_mhz": float(nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_MEM)),
+            }
+        except Exception:
+            return {}
+
+
+def _physical_index(index: int) -> int:
+    # NVML numbers GPUs physically; CUDA_VISIBLE_DEVICES may renumber them.
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    parts = [p.strip() for p in visible.split(",") if p.strip()]
+    if index < len(parts) and parts[index].isdigit():
+        return int(parts[index])
+    return index
+
+
+def to_uint8_images(images: torch.Tensor) -> np.ndarray:
+    """float [N, C, H, W] in [-1, 1] -> uint8 [N, H, W, C'] with C' = 1 or 3 (latents with
+    C > 3 show their first three channels, each image normalised for viewing)."""
+    x = images.detach().float().cpu()
+    if x.shape[1] > 3:
+        x = x[:, :3]
+        lo = x.amin(dim=(1, 2, 3), keepdim=True)
+        hi = x.amax(dim=(1, 2, 3), keepdim=True)
+        x = (x - lo) / (hi - lo).clamp_min(1e-8) * 2 - 1
+    elif x.shape[1] == 2:
+        x = x[:, :1]
+    x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def save_image_grid(images: torch.Tensor, path: str, ncols: int, scale: int = 1,
+                    pad: int = 1) -> str:
+    """Tiles [N, C, H, W] images row by row into a PNG; `scale` enlarges small images."""
+    from PIL import Image
+
+    tiles = to_uint8_images(images)  # [N, H, W, C]
+    n, h, w, c = tiles.shape
+    ncols = max(1, min(ncols, n))
+    nrows = math.ceil(n / ncols)
+    canvas = np.zeros((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), dtype=np.uint8)
+    for i in range(n):
+        r, col = divmod(i, ncols)
+        top, left = pad + r * (h + pad), pad + col * (w + pad)
+        canvas[top:top + h, left:left + w] = tiles[i]
+    image = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
+    if scale > 1:
+        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    image.save(path, optimize=True)
+    return path
+
+
+def plot_loss_curve(records: list[dict[str, Any]], path: str) -> str | None:
+    """Loss (and its named parts) against step from the metrics records; None if empty."""
+    rows = [r for r in records if r.get("event") == "train" and "loss" in r]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    keys = ["loss"] + sorted(k[5:] for k in rows[0] if k.startswith("loss/"))
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    for key in keys:
+        values = [r.get(key if key == "loss" else f"loss/{key}", float("nan")) for r in rows]
+        ax.plot(steps, values, label=key, linewidth=1.5 if key == "loss" else 1.0)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    if all(v > 0 for v in (r["loss"] for r in rows)):
+        ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def format_seconds(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}m{secs:02d}s"

@@ -1,0 +1,36 @@
+"""Optimizer and learning-rate schedule: AdamW with a linear warmup, then constant."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from torch import nn
+
+from train.config import OptimConfig
+
+
+def build_optimizer(params: list[nn.Parameter], cfg: OptimConfig,
+                    device: torch.device) -> torch.optim.Optimizer:
+    """apex FusedAdam (adam_w_mode) when importable on CUDA, else torch AdamW, fused on CUDA."""
+    kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if device.type == "cuda" and importlib.util.find_spec("apex") is not None:
+        try:
+            from apex.optimizers import FusedAdam
+        except ImportError:  # the unrelated PyPI "apex", or a broken build
+            pass
+        else:
+            return FusedAdam(params, adam_w_mode=True, **kwargs)
+    return torch.optim.AdamW(params, fused=device.type == "cuda", **kwargs)
+
+
+def learning_rate(cfg: OptimConfig, step: int) -> float:
+    """lr for optimizer step `step` (0-based): linear warmup over warmup_steps."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    return cfg.lr
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
