@@ -34,3 +34,17 @@ def test_unknown_family_is_rejected() -> None:
 def test_runs_without_gpu(capsys: pytest.CaptureFixture[str]) -> None:
     assert kernels.main(["--out", "/nonexistent/never-written.json"]) == 0
     assert "no CUDA device" in capsys.readouterr().out
+
+
+def test_train_step_bench_runs_on_cpu(tmp_path) -> None:
+    from bench import train_step
+
+    out = tmp_path / "train_step.json"
+    rc = train_step.main(["--model", "SD-DiT-tiny", "--batch", "2", "--steps", "2",
+                          "--warmup", "1", "--variants", "reference", "--device", "cpu",
+                          "--out", str(out)])
+    assert rc == 0
+    import json
+
+    row = json.loads(out.read_text())["results"][0]
+    assert row["images_per_s"] > 0 and row["train_gflops_per_image"] > 0
