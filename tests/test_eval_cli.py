@@ -21,15 +21,6 @@ from metrics import cli
 from metrics.statistics import RunningStatistics
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # See tests/test_metrics.py: on a busy 2-core machine 1 thread is far faster here.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_eval_parser_registers_as_a_subcommand() -> None:
     parser = argparse.ArgumentParser(prog="sddit")
     cli.add_eval_parser(parser.add_subparsers(dest="command"))

@@ -12,15 +12,6 @@ from model.flops import flops_per_image
 # DiT paper, Table 4: forward GMACs at 256 px (latent 32x32x4).
 PUBLISHED_GMACS = {"S": 6.06, "B": 23.01, "L": 80.71, "XL": 118.64}
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These shapes are tiny: intra-op threads only add sync cost, which is severe when
-    # the cores are shared (measured here: 70 ms vs 1.5 s per training step).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 @pytest.mark.parametrize("size", list(PUBLISHED_GMACS))
 def test_forward_flops_match_dit_paper(size: str) -> None:

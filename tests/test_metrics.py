@@ -112,16 +112,6 @@ def test_precision_recall_sanity() -> None:
 # ----------------------------------------------------------------------------- the network
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The Inception net on a busy 2-core machine: each of its ~300 ops waits for the slower
-    # of two OpenMP threads, measured here at ~4.5 s per call with 2 threads against ~0.2 s
-    # with 1; on an idle machine 1 thread costs little (the net scales poorly at this size).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def network() -> metrics.InceptionNetwork:

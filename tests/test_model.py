@@ -20,15 +20,6 @@ MICRO_METHOD = {
     "MaskDiT": dict(decoder_depth=1, decoder_width=32, decoder_num_heads=2),
 }
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These shapes are tiny: intra-op threads only add sync cost, which is severe when
-    # the cores are shared (measured here: 70 ms vs 1.5 s per training step).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def micro(method: str, **overrides) -> model.DiffusionTransformer:
     return model.build(f"{method}-tiny", **{**MICRO, **MICRO_METHOD[method], **overrides})

@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import nn
 
 import model
 from model.config import ModelConfig
 from model.sampler import edm_sigma_steps, initial_noise
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These shapes are tiny: intra-op threads only add sync cost, which is severe when
-    # the cores are shared (measured here: 70 ms vs 1.5 s per training step).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 class GaussianDenoiser(nn.Module):
