@@ -135,6 +135,8 @@ def test_run_writes_logs_grid_curve_and_keeps_last_checkpoints(tmp_path) -> None
     grid = Image.open(result.sample_grid)
     assert grid.height > grid.width  # one row per class (10), one sample per row
     assert json.loads(Path(tmp_path / "config.json").read_text())["schedule"]["batch_size"] == 8
+    # tensorboard is a project dependency, so its event file must be there too.
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     net, meta = ckpt.load_sampling_model(str(tmp_path), "cpu")
     assert meta["step"] == 6 and not net.training
     assert torch.equal(net.state_dict()["backbone.final_layer.linear.weight"],
