@@ -17,8 +17,12 @@ export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/sddit-triton-cache}
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/sddit-inductor-cache}
 unset TRITON_INTERPRET
 # Stage limits in seconds (override, e.g. STAGE_BENCH_S=300).
-STAGE_TESTS_S=${STAGE_TESTS_S:-150}
-STAGE_BENCH_S=${STAGE_BENCH_S:-270}
+# The four together stay within about 8 minutes (495 s).
+STAGE_TESTS_S=${STAGE_TESTS_S:-120}
+STAGE_BENCH_S=${STAGE_BENCH_S:-180}
+STAGE_STEP_S=${STAGE_STEP_S:-120}
+STAGE_TRAIN_S=${STAGE_TRAIN_S:-75}
+TRAIN_MODEL=${TRAIN_MODEL:-SD-DiT-XL/2}
 
 declare -a NAMES=() CODES=() SECS=()
 stage() {  # stage NAME LIMIT_S CMD...
@@ -41,6 +45,13 @@ stage() {  # stage NAME LIMIT_S CMD...
 stage gpu-tests "$STAGE_TESTS_S" "$PY" -m pytest -m gpu -q -p no:cacheprovider tests \
   --junitxml="$OUT/gpu_tests.xml"
 stage kernel-bench "$STAGE_BENCH_S" "$PY" -m bench.kernels --out "$OUT/kernels.json"
+stage train-step "$STAGE_STEP_S" "$PY" -m bench.train_step --model "$TRAIN_MODEL" --batch 32 \
+  --steps 10 --warmup 3 --out "$OUT/train_step.json"
+# A short real run of the trainer (tiny preset, GPU): its JSONL has images/s and telemetry.
+rm -rf /tmp/sddit-train
+stage train-tiny "$STAGE_TRAIN_S" "$PY" -m train.cli train --config configs/tiny.toml \
+  --set 'run.dir="/tmp/sddit-train"' --set schedule.total_steps=300 --set schedule.max_minutes=0.5
+cp /tmp/sddit-train/metrics.jsonl "$OUT/train_tiny_metrics.jsonl" 2>/dev/null || true
 
 echo
 echo "stage             exit   seconds"
