@@ -332,6 +332,10 @@ def _progress_bar(cfg: Config, info: D.DistInfo, step: int, total: int):
         return None
     from tqdm.auto import tqdm
 
+    budget = cfg.schedule.max_minutes
+    if budget > 0:  # a time-bounded run: an ETA towards total_steps would mislead
+        return tqdm(initial=step, desc=f"train ({budget:.1f} min budget)", unit="step",
+                    dynamic_ncols=True)
     return tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True)
 
 
