@@ -237,7 +237,8 @@ def train(cfg: Config, *, resume: bool | str = False, stop_after: int | None = N
                                    torch.tensor(budget_over, device=device)])
             finite_flag = torch.isfinite(local).all().float().reshape(1)
             stats = D.all_reduce_mean(torch.cat([local.nan_to_num(0.0), finite_flag]), info)
-            all_finite = bool(stats[-1].item() == 1.0)
+            host = stats.tolist()  # the step's one device-to-host sync
+            all_finite = host[-1] == 1.0
             if not all_finite:
                 optimizer.zero_grad(set_to_none=True)
                 if buffers:
@@ -265,7 +266,7 @@ def train(cfg: Config, *, resume: bool | str = False, stop_after: int | None = N
             steps_this_run += 1
             images_seen += sched.batch_size
             window.append(stats[:-1])
-            last_loss = float(stats[0])
+            last_loss = host[0]
             if bar is not None:
                 bar.update(1)
 
@@ -283,7 +284,7 @@ def train(cfg: Config, *, resume: bool | str = False, stop_after: int | None = N
             if stop_after is not None and steps_this_run >= stop_after:
                 stopped_by = "stop_after"
                 break
-            if stats[-2].item() > 0:
+            if host[-2] > 0:
                 stopped_by = "max_minutes"
                 break
     except BaseException:
