@@ -33,8 +33,8 @@ from PIL import Image
 
 from metrics.inception import InceptionNetwork, as_nchw_uint8, file_sha256, samples_to_uint8
 from metrics.statistics import RunningStatistics
+from train.data import IMAGE_EXTENSIONS
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 ANIMAL_MNIST = "animal-mnist"
 
 

@@ -132,8 +132,10 @@ def to_uint8_images(images: torch.Tensor) -> np.ndarray:
         x = (x - lo) / (hi - lo).clamp_min(1e-8) * 2 - 1
     elif x.shape[1] == 2:
         x = x[:, :1]
-    x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).numpy()
+    # The same quantisation FID applies, so a saved .npz scores like the samples did.
+    from metrics.inception import samples_to_uint8
+
+    return samples_to_uint8(x).permute(0, 2, 3, 1).numpy()
 
 
 def save_image_grid(images: torch.Tensor, path: str, ncols: int, scale: int = 1,
