@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from model.attention import available_attention_backends
-from model.config import ModelConfig, make_config
+from model.config import METHODS, ModelConfig, make_config
 from model.flops import flops_per_image
 from model.methods import DiffusionTransformer
 from model.sampler import edm_sample
@@ -24,6 +24,13 @@ def build(name: str, **overrides: Any) -> DiffusionTransformer:
     """A network from a preset name ('SD-DiT-XL/2', 'MaskDiT-B/4', 'DiT-tiny', ...) and
     config overrides; unknown override keys raise ValueError listing the valid fields."""
     return DiffusionTransformer(make_config(name, **overrides))
+
+
+def encoder_patches(net_or_config: nn.Module | ModelConfig) -> int:
+    """Number of tokens the (student) encoder sees per image in training, e.g. 205 for
+    SD-DiT-XL/2 (mask ratio 0.2 of 256), 256 for DiT, 128 for MaskDiT."""
+    cfg = net_or_config if isinstance(net_or_config, ModelConfig) else net_or_config.config
+    return cfg.encoder_tokens
 
 
 def teacher_momentum(step: int, total_steps: int, base: float = 0.996, final: float = 1.0
@@ -38,12 +45,14 @@ def attention_backend(net: nn.Module) -> str:
 
 
 __all__ = [
+    "METHODS",
     "DiffusionTransformer",
     "ModelConfig",
     "attention_backend",
     "available_attention_backends",
     "build",
     "edm_sample",
+    "encoder_patches",
     "flops_per_image",
     "make_config",
     "teacher_momentum",

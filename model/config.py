@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+# Every method this code trains, in the chart's order.
 METHODS = ("SD-DiT", "DiT", "MaskDiT")
 ATTENTION_BACKENDS = ("auto", "flash_attn", "xformers", "sdpa", "math")
 
@@ -86,6 +87,11 @@ class ModelConfig:
     def num_kept(self) -> int:
         """L_keep = L - round(r * L), the same count for every sample."""
         return self.num_tokens - int(round(self.mask_ratio * self.num_tokens))
+
+    @property
+    def encoder_tokens(self) -> int:
+        """Tokens the student encoder sees per image in training (the chart's "patches")."""
+        return self.num_kept if self.mask_ratio > 0 else self.num_tokens
 
     @property
     def encoder_depth(self) -> int:

@@ -63,7 +63,7 @@ def forward_macs(cfg: ModelConfig) -> int:
 
 
 def training_macs(cfg: ModelConfig) -> int:
-    kept = cfg.num_kept if cfg.mask_ratio > 0 else cfg.num_tokens
+    kept = cfg.encoder_tokens
     student = (embedder_macs(cfg) + encoder_macs(cfg, kept) + decoder_macs(cfg, kept)
                + head_macs(cfg, kept))
     teacher = 0
