@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from torch import nn
@@ -16,6 +15,7 @@ from torch import nn
 from model.attention import available_attention_backends
 from model.config import METHODS, ModelConfig, make_config
 from model.flops import flops_per_image
+from model.heads import cosine_momentum
 from model.methods import DiffusionTransformer
 from model.sampler import edm_sample
 
@@ -35,9 +35,10 @@ def encoder_patches(net_or_config: nn.Module | ModelConfig) -> int:
 
 def teacher_momentum(step: int, total_steps: int, base: float = 0.996, final: float = 1.0
                      ) -> float:
-    """Cosine schedule from base (step 0) to final (the last step), iBOT/DINO style."""
-    progress = min(max(step / max(total_steps, 1), 0.0), 1.0)
-    return final - (final - base) * (math.cos(math.pi * progress) + 1) / 2
+    """Cosine schedule from base (step 0) to final (the last step), iBOT/DINO style. A run
+    uses `net.teacher_momentum(step, total_steps)`, which reads base and final from the
+    config (teacher_momentum_start / teacher_momentum_end)."""
+    return cosine_momentum(step, total_steps, base, final)
 
 
 def attention_backend(net: nn.Module) -> str:

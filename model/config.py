@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 # Every method this code trains, in the chart's order.
 METHODS = ("SD-DiT", "DiT", "MaskDiT")
@@ -71,6 +71,16 @@ class ModelConfig:
     tau_t_end: float = 0.07
     tau_t_warmup_frac: float = 0.1
     center_momentum: float = 0.9
+    # (assumed, iBOT) 'all': the centre averages the teacher's logits over every patch token
+    # of its view; 'kept': over the student's kept tokens only.
+    center_tokens: str = "all"
+    # (assumed, iBOT) teacher EMA momentum, cosine from start (step 0) to end (last step).
+    teacher_momentum_start: float = 0.996
+    teacher_momentum_end: float = 1.0
+    # (assumed) the teacher's noise level. 'min': input and conditioning at sigma_min (the
+    # paper's reading); 'student': input at sigma_min, conditioning at the student's sigma;
+    # 'logu:LO:HI': one sigma per sample, log-uniform in [LO, HI], for input and conditioning.
+    teacher_sigma: str = "min"
     # Execution.
     use_kernels: bool = False
     attention: str = "auto"
@@ -113,8 +123,30 @@ class ModelConfig:
     def has_teacher(self) -> bool:
         return self.lambda_dis > 0
 
+    @property
+    def teacher_sigma_range(self) -> tuple[float, float] | None:
+        """(LO, HI) of a sampled teacher sigma ('logu:LO:HI'); None for 'min' / 'student'."""
+        return parse_teacher_sigma(self.teacher_sigma)
 
-def _fail(field: str, message: str) -> None:
+
+def parse_teacher_sigma(value: str) -> tuple[float, float] | None:
+    """'min' | 'student' -> None; 'logu:LO:HI' -> (LO, HI). Anything else raises ValueError."""
+    if value in ("min", "student"):
+        return None
+    parts = value.split(":") if isinstance(value, str) else []
+    try:
+        if len(parts) != 3 or parts[0] != "logu":
+            raise ValueError
+        lo, hi = float(parts[1]), float(parts[2])
+    except ValueError:
+        _fail("teacher_sigma", f"must be 'min', 'student' or 'logu:LO:HI' (e.g. "
+              f"'logu:0.002:0.05'), got {value!r}")
+    if not 0 < lo <= hi:
+        _fail("teacher_sigma", f"needs 0 < LO <= HI, got {value!r}")
+    return lo, hi
+
+
+def _fail(field: str, message: str) -> NoReturn:
     raise ValueError(f"model config: {field} {message}")
 
 
@@ -162,6 +194,15 @@ def validate(c: ModelConfig) -> None:
             _fail(name, f"must be >= 0, got {getattr(c, name)}")
     if c.sigma_data <= 0 or c.sigma_min <= 0 or c.P_std <= 0:
         _fail("sigma_data/sigma_min/P_std", "must be > 0")
+    if c.center_tokens not in ("all", "kept"):
+        _fail("center_tokens", f"must be 'all' or 'kept', got {c.center_tokens!r}")
+    for name in ("teacher_momentum_start", "teacher_momentum_end"):
+        if isinstance(getattr(c, name), bool) or not isinstance(getattr(c, name), (int, float)):
+            _fail(name, f"must be a number, got {getattr(c, name)!r}")
+    if not 0.0 <= c.teacher_momentum_start <= c.teacher_momentum_end <= 1.0:
+        _fail("teacher_momentum_start", f"and teacher_momentum_end need 0 <= start <= end <= 1, "
+              f"got {c.teacher_momentum_start} and {c.teacher_momentum_end}")
+    parse_teacher_sigma(c.teacher_sigma)
     if c.has_teacher:
         if min(c.tau_s, c.tau_t_start, c.tau_t_end) <= 0:
             _fail("tau_s/tau_t_start/tau_t_end", "must be > 0")

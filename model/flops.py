@@ -8,7 +8,7 @@ once per image.
 Training (`train=True`) counts one step's work per image: the trained parts (masked
 student encoder on L_keep tokens, decoder on L, head on L_keep) cost forward + 2 x forward
 for the backward; the teacher (SD-DiT) is forward only, its encoder on all L tokens of its
-view and its head on the L_keep tokens the loss uses.
+view and its head on all L tokens (center_tokens='all') or the L_keep the loss uses.
 """
 
 from __future__ import annotations
@@ -68,7 +68,10 @@ def training_macs(cfg: ModelConfig) -> int:
                + head_macs(cfg, kept))
     teacher = 0
     if cfg.has_teacher:
-        teacher = embedder_macs(cfg) + encoder_macs(cfg, cfg.num_tokens) + head_macs(cfg, kept)
+        # Its head runs on every token when the centre averages all of them.
+        head_tokens = cfg.num_tokens if cfg.center_tokens == "all" else kept
+        teacher = (embedder_macs(cfg) + encoder_macs(cfg, cfg.num_tokens)
+                   + head_macs(cfg, head_tokens))
     return 3 * student + teacher
 
 
