@@ -39,11 +39,12 @@ def encoder_macs(cfg: ModelConfig, tokens: int) -> int:
 
 def decoder_macs(cfg: ModelConfig, kept: int) -> int:
     """Decoder on the full L-token sequence, then the final adaLN layer and projection. A
-    separate decoder's input projection runs before the scatter (on the `kept` encoder
-    outputs) with a mask-token fill, after it (on all L) with the noisy-token fill."""
+    separate decoder's input layer (adaLN modulation per sample, Linear D -> Dd per token)
+    runs before the scatter (on the `kept` encoder outputs) with a mask-token fill, after
+    it (on all L) with the noisy-token fill."""
     D, Dd, L, p = cfg.hidden_size, cfg.dec_width, cfg.num_tokens, cfg.patch_size
     projected = kept if cfg.decoder_fill == "mask_token" else L
-    projection = projected * D * Dd if cfg.separate_decoder else 0
+    projection = projected * D * Dd + D * 2 * D if cfg.separate_decoder else 0
     blocks = cfg.decoder_depth * block_macs(L, Dd, cfg.mlp_ratio, D)
     final = D * 2 * Dd + L * Dd * p * p * cfg.in_channels
     return projection + blocks + final
