@@ -284,3 +284,18 @@ def test_maskdit_decoder_starts_from_mask_token_plus_position() -> None:
     expected = layer.linear(torch.nn.functional.layer_norm(z, (64,), eps=1e-6)
                             * (1 + scale[:, None]) + shift[:, None])
     torch.testing.assert_close(layer(z, c, fused=False), expected)
+
+
+def test_imagenet_configs_follow_the_public_recipes() -> None:
+    import glob
+
+    from train.config import load_config
+
+    paths = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs",
+                                          "imagenet256", "[!_]*.toml")))
+    assert len(paths) >= 9
+    for path in paths:
+        cfg = load_config(path)
+        assert cfg.optim.grad_clip == 0, path  # neither DiT nor MaskDiT clips
+        assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.warmup_steps) == (1e-4, 0, 0)
+        assert cfg.ema.decay == 0.9999, path
