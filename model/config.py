@@ -168,7 +168,7 @@ def validate(c: ModelConfig) -> None:
         _fail("mask_ratio", f"must be in [0, 1), got {c.mask_ratio}")
     if c.mask_ratio > 0 and c.num_kept < 1:
         _fail("mask_ratio", f"{c.mask_ratio} keeps no token of {c.num_tokens}")
-    if not 0 <= c.decoder_depth < c.depth:
+    if not c.separate_decoder and not 0 <= c.decoder_depth < c.depth:
         _fail("decoder_depth", f"must be in [0, depth={c.depth}), got {c.decoder_depth}")
     if c.separate_decoder:
         if c.decoder_depth < 1:
@@ -212,8 +212,24 @@ def validate(c: ModelConfig) -> None:
             _fail("head dims", "must be positive")
 
 
-def method_defaults(method: str, depth: int, size: str) -> dict[str, Any]:
-    """What distinguishes the three methods, for a backbone of `depth` blocks."""
+# MaskDiT's published decoder (XL/2 only): 8 blocks of width 512 with 16 heads of 32.
+MASKDIT_XL = dict(hidden=1152, depth=28, decoder_width=512, decoder_depth=8, head_dim=32)
+
+
+def maskdit_decoder(hidden: int, depth: int) -> dict[str, int]:
+    """MaskDiT's decoder scaled with the backbone (assumed rule; XL exactly as published):
+    width = hidden * 512/1152 (= hidden / 2.25) rounded to a multiple of the published head
+    width 32, depth = 8 * depth/28 rounded, heads = width / 32. The decoder's share of the
+    training FLOPs then stays near XL's (about 10%). S/2 and B/2: 3 blocks of 160 and 352."""
+    xl = MASKDIT_XL
+    head_dim = xl["head_dim"]
+    width = max(head_dim, round(hidden * xl["decoder_width"] / xl["hidden"] / head_dim) * head_dim)
+    dec_depth = max(1, round(xl["decoder_depth"] * depth / xl["depth"]))
+    return dict(decoder_width=width, decoder_depth=dec_depth, decoder_num_heads=width // head_dim)
+
+
+def method_defaults(method: str, depth: int, size: str, hidden: int) -> dict[str, Any]:
+    """What distinguishes the methods, for a backbone of `depth` blocks of width `hidden`."""
     if method == "SD-DiT":
         return dict(mask_ratio=0.2, decoder_depth=depth // 6, lambda_dis=0.1, mae_weight=0.0,
                     decoder_fill="noisy", gen_loss_tokens="all",
@@ -221,10 +237,9 @@ def method_defaults(method: str, depth: int, size: str) -> dict[str, Any]:
     if method == "DiT":
         return dict(mask_ratio=0.0, decoder_depth=0, lambda_dis=0.0, mae_weight=0.0)
     if method == "MaskDiT":
-        # (assumed) MaskDiT's XL decoder, 8 blocks of width 512, for every size.
-        return dict(mask_ratio=0.5, separate_decoder=True, decoder_depth=8, decoder_width=512,
-                    decoder_num_heads=16, decoder_fill="mask_token", gen_loss_tokens="kept",
-                    lambda_dis=0.0, mae_weight=0.1)
+        return dict(mask_ratio=0.5, separate_decoder=True, **maskdit_decoder(hidden, depth),
+                    decoder_fill="mask_token", gen_loss_tokens="kept", lambda_dis=0.0,
+                    mae_weight=0.1)
     raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
 
 
@@ -233,11 +248,9 @@ def tiny_fields(method: str) -> dict[str, Any]:
     fields = dict(input_size=32, in_channels=1, num_classes=10, patch_size=2, hidden_size=128,
                   depth=6, num_heads=4, head_hidden_dim=256, head_bottleneck_dim=64,
                   n_prototypes=512)
-    fields.update(method_defaults(method, 6, "tiny"))
+    fields.update(method_defaults(method, 6, "tiny", 128))
     if method == "SD-DiT":
         fields["n_prototypes"] = 512
-    if method == "MaskDiT":
-        fields.update(decoder_depth=2, decoder_width=96, decoder_num_heads=4)
     return fields
 
 
@@ -260,7 +273,7 @@ def preset(name: str) -> dict[str, Any]:
     hidden, depth, heads = SIZES[size]
     fields = dict(method=method, patch_size=int(patch), hidden_size=hidden, depth=depth,
                   num_heads=heads)
-    fields.update(method_defaults(method, depth, size))
+    fields.update(method_defaults(method, depth, size, hidden))
     return fields
 
 

@@ -39,11 +39,12 @@ def encoder_macs(cfg: ModelConfig, tokens: int) -> int:
 
 def decoder_macs(cfg: ModelConfig, kept: int) -> int:
     """Decoder on the full L-token sequence, then the final adaLN layer and projection. A
-    separate decoder's input projection runs before the scatter (on the `kept` encoder
-    outputs) with a mask-token fill, after it (on all L) with the noisy-token fill."""
+    separate decoder's input layer (adaLN modulation per sample, Linear D -> Dd per token)
+    runs before the scatter (on the `kept` encoder outputs) with a mask-token fill, after
+    it (on all L) with the noisy-token fill."""
     D, Dd, L, p = cfg.hidden_size, cfg.dec_width, cfg.num_tokens, cfg.patch_size
     projected = kept if cfg.decoder_fill == "mask_token" else L
-    projection = projected * D * Dd if cfg.separate_decoder else 0
+    projection = projected * D * Dd + D * 2 * D if cfg.separate_decoder else 0
     blocks = cfg.decoder_depth * block_macs(L, Dd, cfg.mlp_ratio, D)
     final = D * 2 * Dd + L * Dd * p * p * cfg.in_channels
     return projection + blocks + final
@@ -79,3 +80,53 @@ def flops_per_image(net: nn.Module | ModelConfig, train: bool) -> float:
     """FLOPs (2 x MACs) for one image: a forward pass, or a full training step's work."""
     cfg = net if isinstance(net, ModelConfig) else net.config
     return 2.0 * float(training_macs(cfg) if train else forward_macs(cfg))
+
+
+def parameter_count(cfg: ModelConfig) -> dict[str, int]:
+    """Parameters of a network built from cfg (on the meta device, so nothing is allocated):
+    'trainable' (student: everything an optimiser updates) and 'teacher' (SD-DiT's EMA copy)."""
+    import torch
+
+    from model.methods import DiffusionTransformer
+
+    with torch.device("meta"):
+        net = DiffusionTransformer(cfg)
+    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in net.parameters() if not p.requires_grad)
+    return {"trainable": trainable, "teacher": frozen}
+
+
+def method_table(methods: tuple[str, ...] | None = None,
+                 sizes: tuple[str, ...] = ("S/2", "B/2", "XL/2")) -> list[dict]:
+    """One row per method x size of the ImageNet-256 presets: trainable parameters, encoder
+    tokens in training, and GFLOPs per image (training step and inference forward)."""
+    from model.config import METHODS, make_config
+
+    rows = []
+    for method in methods or METHODS:
+        for size in sizes:
+            cfg = make_config(f"{method}-{size}")
+            params = parameter_count(cfg)
+            rows.append({
+                "model": f"{method}-{size}", "method": method, "size": size,
+                "params_m": params["trainable"] / 1e6, "teacher_params_m": params["teacher"] / 1e6,
+                "encoder_tokens": cfg.encoder_tokens,
+                "train_gflops": flops_per_image(cfg, train=True) / 1e9,
+                "forward_gflops": flops_per_image(cfg, train=False) / 1e9,
+            })
+    return rows
+
+
+def format_method_table(rows: list[dict]) -> str:
+    """The rows of `method_table` as a Markdown table."""
+    dit = {r["size"]: r["train_gflops"] for r in rows if r["method"] == "DiT"}
+    lines = ["| model | params (M) | teacher (M) | encoder tokens | train GFLOPs/img | "
+             "vs DiT | forward GFLOPs |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        ratio = f"{r['train_gflops'] / dit[r['size']]:.2f}x" if r["size"] in dit else "-"
+        lines.append(f"| {r['model']} | {r['params_m']:.1f} | {r['teacher_params_m']:.1f} | "
+                     f"{r['encoder_tokens']} | {r['train_gflops']:.1f} | {ratio} | "
+                     f"{r['forward_gflops']:.1f} |")
+    return "\n".join(lines)
+

@@ -90,6 +90,11 @@ class DiffusionTransformer(nn.Module):
         nn.init.zeros_(bb.final_layer.adaLN_modulation[-1].bias)
         nn.init.zeros_(bb.final_layer.linear.weight)
         nn.init.zeros_(bb.final_layer.linear.bias)
+        if bb.decoder_layer is not None:  # MaskDiT: the decoder starts from mask token + position
+            nn.init.zeros_(bb.decoder_layer.adaLN_modulation[-1].weight)
+            nn.init.zeros_(bb.decoder_layer.adaLN_modulation[-1].bias)
+            nn.init.zeros_(bb.decoder_layer.linear.weight)
+            nn.init.zeros_(bb.decoder_layer.linear.bias)
         if bb.mask_token is not None:
             nn.init.normal_(bb.mask_token, std=0.02)
         if self.head is not None:

@@ -211,3 +211,91 @@ def test_teacher_fields_are_saved_with_the_run(tmp_path) -> None:
     for key, value in fields.items():
         assert getattr(rebuilt.config, key) == value
     assert os.path.exists(result.checkpoint)
+
+
+# ----------------------------------------------------------------------------- MaskDiT
+# Trainable parameters of the public MaskDiT code (Anima-Lab/MaskDiT, models/maskdit.py:
+# DiT_XL_2(input_size=32, in_channels=4, num_classes=1000, use_decoder=True,
+# mae_loss_coef=0.1)), counted by instantiating that file: its 730.1M.
+PUBLIC_MASKDIT_XL2 = 730_115_216
+
+
+def trainable(net: torch.nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters() if p.requires_grad)
+
+
+def test_maskdit_xl2_parameter_count_matches_public_code() -> None:
+    with torch.device("meta"):
+        net = model.build("MaskDiT-XL/2")
+    count = trainable(net)
+    # The one difference: our learned null-class row (1152) where MaskDiT feeds zeros.
+    assert count - PUBLIC_MASKDIT_XL2 == 1152
+    assert abs(count - PUBLIC_MASKDIT_XL2) / PUBLIC_MASKDIT_XL2 < 1e-3
+    cfg = net.config
+    assert (cfg.decoder_depth, cfg.dec_width, cfg.dec_heads) == (8, 512, 16)  # as published
+
+
+def test_maskdit_decoder_scales_with_the_backbone() -> None:
+    shapes = {s: model.make_config(f"MaskDiT-{s}/2") for s in ("S", "B", "L", "XL")}
+    assert {s: (c.decoder_depth, c.dec_width, c.dec_heads) for s, c in shapes.items()} == {
+        "S": (3, 160, 5), "B": (3, 352, 11), "L": (7, 448, 14), "XL": (8, 512, 16)}
+    # The decoder's share of training compute stays near XL's.
+    from model.flops import decoder_macs, training_macs
+
+    shares = [decoder_macs(c, c.num_kept) / (training_macs(c) / 3) for c in shapes.values()]
+    assert max(shares) - min(shares) < 0.03, shares
+    # MaskDiT-S/2 now costs about what DiT-S/2 does, not 2x its parameters.
+    with torch.device("meta"):
+        small, dit = model.build("MaskDiT-S/2"), model.build("DiT-S/2")
+    assert trainable(small) < 1.1 * trainable(dit)
+
+
+def test_maskdit_decoder_starts_from_mask_token_plus_position() -> None:
+    net = model.build("MaskDiT-tiny", input_size=8, hidden_size=64, depth=2, num_heads=2)
+    bb, cfg = net.backbone, net.config
+    assert bb.decoder_layer is not None and bb.mask_token.abs().sum() > 0
+    x0, y = batch(net, 2)
+    seen: list[torch.Tensor] = []
+    bb.decoder[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    torch.manual_seed(0)
+    ids_keep = torch.stack([torch.randperm(cfg.num_tokens)[:cfg.num_kept].sort().values
+                            for _ in range(2)])
+    c = bb.condition(torch.zeros(2), y)
+    tokens = bb.embed(x0)
+    z = bb.encode(torch.gather(tokens, 1, ids_keep[..., None].expand(-1, -1, 64)), c)
+    assert z.abs().sum() > 0  # the encoder output is not zero; the interface zeroes it
+    bb.decode(z, c, ids_keep, tokens)
+    first = seen[0]  # [B, L, Dd], the decoder's first input
+    pos = bb.decoder_pos_embed[0]
+    masked = torch.ones(2, cfg.num_tokens, dtype=torch.bool)
+    masked.scatter_(1, ids_keep, False)
+    for b in range(2):
+        torch.testing.assert_close(first[b][masked[b]], (bb.mask_token + pos)[masked[b]])
+        torch.testing.assert_close(first[b][~masked[b]], pos[~masked[b]])
+    # The interface itself is MaskDiT's: no-affine LayerNorm, adaLN(c), Linear.
+    layer = bb.decoder_layer
+    assert [type(m) for m in layer.adaLN_modulation] == [torch.nn.SiLU, torch.nn.Linear]
+    assert layer.adaLN_modulation[1].weight.shape == (2 * 64, 64)
+    assert layer.linear.weight.shape == (cfg.dec_width, 64)
+    with torch.no_grad():
+        layer.adaLN_modulation[1].bias.normal_()
+        layer.linear.weight.normal_()
+    shift, scale = layer.adaLN_modulation(c).chunk(2, dim=-1)
+    expected = layer.linear(torch.nn.functional.layer_norm(z, (64,), eps=1e-6)
+                            * (1 + scale[:, None]) + shift[:, None])
+    torch.testing.assert_close(layer(z, c, fused=False), expected)
+
+
+def test_imagenet_configs_follow_the_public_recipes() -> None:
+    import glob
+
+    from train.config import load_config
+
+    paths = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs",
+                                          "imagenet256", "[!_]*.toml")))
+    assert len(paths) >= 9
+    for path in paths:
+        cfg = load_config(path)
+        assert cfg.optim.grad_clip == 0, path  # neither DiT nor MaskDiT clips
+        assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.warmup_steps) == (1e-4, 0, 0)
+        assert cfg.ema.decay == 0.9999, path
