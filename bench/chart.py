@@ -51,7 +51,7 @@ MASK_RATIOS = (0.0, 0.2, 0.4, 0.6)  # the paper's Figure 5 sweep (SD-DiT)
 # Plans for --scale small: checkpoint steps (the last is each run's length), FID samples.
 # "default" fits ~45 min on 2 shared CPU cores (measured: see docs/chart.md).
 SMALL_PLANS: dict[str, dict[str, Any]] = {
-    "default": {"steps": (100, 200, 300), "fid_samples": 250},
+    "default": {"steps": (100, 200, 300), "fid_samples": 200},
     "long": {"steps": (500, 1000, 2000, 4000), "fid_samples": 1000},
 }
 # --scale paper: FID-50K at these steps (assumed: 100k apart up to the 400k of the
@@ -319,13 +319,18 @@ class Evaluator:
             net, settings.fid_samples, self.reference, cfg_scale=settings.cfg_scale,
             num_steps=settings.sampler_steps, batch_size=settings.fid_batch, seed_offset=0,
             progress=settings.progress, network=self.network, fid_method=fid_method,
-            keep_images=keep_images)
+            keep_images=keep_images, cache_dir=settings.cache_dir)
 
 
 def load_evaluator(settings: Settings, device: torch.device, network=None) -> Evaluator:
+    """Loads (computing and caching if needed) the reference once. Under torchrun the
+    process group does not exist yet, so each evaluation resolves the cached reference
+    itself, rank 0 loading and the others waiting (metrics.evaluate_net does that)."""
     import metrics
 
     network = network or metrics.load_network(device=device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return Evaluator(network, settings.reference, device)
     reference = metrics.load_reference(settings.reference, network, settings.cache_dir,
                                        settings.fid_batch, settings.progress, True)
     return Evaluator(network, reference, device)
@@ -414,7 +419,8 @@ class PlanProgress:
         self.tasks = [(spec, step, max([0, *[s for s in spec.steps if s < step]]))
                       for spec, step in todo]  # (run, to step, from step)
         self.spent = 0.0
-        self.bar = tqdm(total=1, desc="chart", unit="s", disable=not settings.progress,
+        self.bar = tqdm(total=1, desc="chart", unit="s",
+                        disable=not settings.progress or not is_main_process(),
                         bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]"
                                    "{postfix}", dynamic_ncols=True)
         self._refresh("planned")
@@ -525,15 +531,16 @@ def run_chart_plan(settings: Settings, network=None) -> dict[str, Any]:
                 run_point(settings, spec, step, evaluator, progress, env)
         finally:
             progress.close()
-    summary = summarise(settings, plan, env)
-    if is_main_process():
-        from bench.chart_plot import draw_all
+    if not is_main_process():
+        return {}
+    from bench.chart_plot import draw_all
 
-        summary["pictures"] = draw_all(summary, settings.out)
-        write_json(os.path.join(settings.out, "chart.json"), summary)
-        if not settings.keep_checkpoints:
-            for spec in plan:
-                shutil.rmtree(os.path.join(settings.work_dir, spec.key), ignore_errors=True)
+    summary = summarise(settings, plan, env)
+    summary["pictures"] = draw_all(summary, settings.out)
+    write_json(os.path.join(settings.out, "chart.json"), summary)
+    if not settings.keep_checkpoints:
+        for spec in plan:
+            shutil.rmtree(os.path.join(settings.work_dir, spec.key), ignore_errors=True)
     return summary
 
 
@@ -738,7 +745,8 @@ def run_chart(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     summary = run_chart_plan(settings)
-    print(format_summary(summary))
+    if summary:  # rank 0
+        print(format_summary(summary))
     return 0
 
 
