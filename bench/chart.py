@@ -421,7 +421,7 @@ class PlanProgress:
         self.spent = 0.0
         self.bar = tqdm(total=1, desc="chart", unit="s",
                         disable=not settings.progress or not is_main_process(),
-                        bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]"
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed} elapsed"
                                    "{postfix}", dynamic_ncols=True)
         self._refresh("planned")
 
@@ -433,9 +433,10 @@ class PlanProgress:
                    + self.settings.fid_samples * sample for spec, step, start in self.tasks)
 
     def _refresh(self, note: str) -> None:
-        self.bar.total = max(self.spent + self._estimate(), self.spent + 1e-6)
+        left = self._estimate()
+        self.bar.total = max(self.spent + left, self.spent + 1e-6)
         self.bar.n = self.spent
-        self.bar.set_postfix_str(note)
+        self.bar.set_postfix_str(f"ETA ~{left / 60:.0f} min | {note}")
 
     def trained(self, spec: RunSpec, step: int, seconds: float, steps_done: int) -> None:
         if steps_done > 0:
@@ -648,34 +649,63 @@ def verdict(finals: dict, mask: list[dict], curves: dict) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- throughput
 
 
+def time_training_step(name: str, overrides: dict, batch: int, steps: int, warmup: int,
+                       device: torch.device) -> dict[str, Any]:
+    """Median wall time of full training steps (forward, backward, AdamW, teacher update)
+    on synthetic data of the model's shape; bf16 autocast and the kernels on CUDA."""
+    from bench.train_step import make_step
+
+    cuda = device.type == "cuda"
+    net = model.build(name, **{**overrides, "use_kernels": cuda}).to(device)
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4,
+                            fused=cuda)
+    step = make_step(net, net.training_losses, opt, device)
+    c = net.config
+    x0 = torch.randn(batch, c.in_channels, c.input_size, c.input_size, device=device)
+    y = torch.randint(0, c.num_classes, (batch,), device=device)
+    times = []
+    for i in range(warmup + steps):
+        if cuda:
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        step(x0, y)
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - started)
+    seconds = statistics.median(times)
+    return {"model": name, "batch_per_device": batch, "steps_per_s": 1 / seconds,
+            "images_per_s": batch / seconds,
+            "train_gflops_per_image": model.flops_per_image(c, train=True) / 1e9,
+            "encoder_patches": model.encoder_patches(c), "tokens": c.num_tokens,
+            "params": sum(p.numel() for p in net.parameters() if p.requires_grad)}
+
+
 def throughput_only(settings: Settings, steps: int = 20, warmup: int = 5) -> int:
     """The steps/s half of the chart on one device: each method's training step at the
-    per-GPU batch (global batch / 8 at paper scale), synthetic data, no FID."""
-    from bench.train_step import time_variant
-
+    per-device batch (the global 256 / 8 GPUs at paper scale), synthetic data, no FID.
+    With DDP the all-reduce adds to this, so it bounds the 8-GPU steps/s from above."""
     if settings.scale == "paper" and not torch.cuda.is_available():
         print("bench.chart --throughput-only --scale paper: no CUDA device here; XL/2 steps "
               "on CPU would say nothing about the paper's speed. Nothing run.")
         return 0
     device = eval_device()
-    variant = "kernels" if device.type == "cuda" else "reference"
     rows = []
     for method in settings.methods:
-        spec_cfg = run_config(settings, RunSpec(
+        cfg = run_config(settings, RunSpec(
             method, method_model_name(settings.scale, method, False),
             method_config(settings.scale, False), 0.0, settings.seeds[0], settings.steps, False))
-        batch = spec_cfg.schedule.batch_size // (8 if settings.scale == "paper" else 1)
-        row = time_variant(spec_cfg.model.name, variant, batch, steps, warmup, device)
-        with torch.device("meta"):
-            row["encoder_patches"] = model.encoder_patches(model.build(
-                spec_cfg.model.name, **spec_cfg.model.overrides))
+        batch = cfg.schedule.batch_size // (8 if settings.scale == "paper" else 1)
+        row = time_training_step(cfg.model.name, dict(cfg.model.overrides), batch, steps,
+                                 warmup, device)
         rows.append({"method": method, **row})
-        print(f"{method:<8} {row['steps_per_s']:8.2f} steps/s  {row['images_per_s']:9.1f} img/s "
+        print(f"{method:<8} {row['steps_per_s']:8.2f} steps/s {row['images_per_s']:9.1f} img/s "
               f"{row['train_gflops_per_image']:8.2f} GFLOP/img  {row['encoder_patches']} patches")
     path = os.path.join(settings.out, "throughput.json")
-    write_json(path, {"env": environment(), "scale": settings.scale, "variant": variant,
-                      "steps": steps, "warmup": warmup, "results": rows})
-    print(f"wrote {path}")
+    if is_main_process():
+        write_json(path, {"env": environment(), "scale": settings.scale, "steps": steps,
+                          "warmup": warmup, "results": rows})
+        print(f"wrote {path}")
     return 0
 
 

@@ -187,3 +187,27 @@ def test_plan_covers_every_registered_method_and_shares_the_sd_dit_run(tmp_path)
     names = {s.model_name for s in paper}
     assert {f"{m}-XL/2" for m in model.METHODS} | {"SD-DiT-S/2"} == names
     assert all(os.path.isfile(s.config) for s in paper)
+
+
+def test_throughput_only_times_every_method_without_fid(tmp_path, capsys):
+    assert chart.run_chart(toy_args(tmp_path, throughput_only=True)) == 0
+    record = json.loads((tmp_path / "out" / "throughput.json").read_text())
+    assert [r["method"] for r in record["results"]] == list(model.METHODS)
+    for row in record["results"]:
+        assert row["steps_per_s"] > 0 and row["batch_per_device"] == 8 and row["tokens"] == 16
+        assert row["images_per_s"] == pytest.approx(8 * row["steps_per_s"])
+    assert not (tmp_path / "work").exists()
+    assert "steps/s" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only answer")
+def test_paper_scale_on_cpu_says_so_and_runs_nothing(tmp_path, capsys):
+    ref = tmp_path / "ref.npz"
+    ref.write_bytes(b"")
+    args = toy_args(tmp_path, scale="paper", reference=str(ref), throughput_only=True, set=None)
+    assert chart.run_chart(args) == 0
+    assert "no CUDA device" in capsys.readouterr().out
+    args = toy_args(tmp_path, scale="paper", reference=str(ref), set=None)
+    assert chart.run_chart(args) == 2
+    assert "--scale small" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()
