@@ -119,6 +119,7 @@ class Session:
     logger: MetricsLogger
     telemetry: GpuTelemetry
     notes: list[str]
+    owns_batches: bool  # built here (so closed here), not handed in by the caller
 
 
 @dataclass
@@ -181,6 +182,7 @@ def _set_up(cfg: Config, info: D.DistInfo, net: nn.Module | None, batches,
     device = info.device
     local_batch = cfg.schedule.batch_size // info.world_size
     logger = MetricsLogger(cfg.run.dir, enabled=info.is_main, tensorboard=cfg.run.tensorboard)
+    owns_batches = batches is None
     if batches is None:
         from train.data import build_batches
 
@@ -211,7 +213,8 @@ def _set_up(cfg: Config, info: D.DistInfo, net: nn.Module | None, batches,
     telemetry = GpuTelemetry(device)
     notes = notes + logger.notes + ([telemetry.note] if telemetry.note else [])
     return Session(cfg, info, batches, net, ema, optimizer, step_fn,
-                   {"name": cfg.model.name, "overrides": overrides}, logger, telemetry, notes)
+                   {"name": cfg.model.name, "overrides": overrides}, logger, telemetry, notes,
+                   owns_batches)
 
 
 def _restore(s: Session, state: dict | None) -> Progress:
@@ -383,13 +386,17 @@ def train(cfg: Config, *, resume: bool | str = False, stop_after: int | None = N
     progress.last_ckpt = plan.path
     del state
     _announce(s, progress, plan.path)
-    with StopSignals() as signals:
-        try:
-            _run_steps(s, progress, stop_after, signals)
-        except BaseException:
-            s.logger.close()
-            raise
-    return _shut_down(s, progress, signals)
+    try:
+        with StopSignals() as signals:
+            try:
+                _run_steps(s, progress, stop_after, signals)
+            except BaseException:
+                s.logger.close()
+                raise
+        return _shut_down(s, progress, signals)
+    finally:
+        if s.owns_batches:  # workers and pipelines end with the run, not at exit
+            s.batches.close()
 
 
 def _announce(s: Session, p: Progress, resumed_from: str | None) -> None:
