@@ -231,14 +231,25 @@ def _restore(s: Session, state: dict | None) -> Progress:
                             epoch=state["data"]["epoch"], position=state["data"]["position"],
                             last_saved=state["step"])
         rng_states = state["rng"]
-    seed_everything(rank_seed(cfg.run.seed, info.rank))
-    if rng_states is not None and len(rng_states) == info.world_size:
-        ckpt.restore_rng_state(rng_states[info.rank])
-    elif rng_states is not None:  # another world size: fresh, distinct streams per rank
-        seed_everything(rank_seed(cfg.run.seed + 7_919 * progress.step, info.rank))
-        s.notes.append(f"resuming {len(rng_states)}-rank RNG states on {info.world_size} "
-                       "ranks: each rank gets its own new stream (not bit-exact)")
+    s.notes.extend(restore_rng(rng_states, cfg.run.seed, progress.step, info.rank,
+                               info.world_size))
     return progress
+
+
+def restore_rng(rng_states: list | None, seed: int, step: int, rank: int, world_size: int
+                ) -> list[str]:
+    """Puts this rank's generators where the checkpoint left them. Saved by another number
+    of ranks, they cannot be: each rank then gets a new stream of its own (derived from the
+    seed, the step and the rank), never a copy of another rank's."""
+    seed_everything(rank_seed(seed, rank))
+    if rng_states is None:
+        return []
+    if len(rng_states) == world_size:
+        ckpt.restore_rng_state(rng_states[rank])
+        return []
+    seed_everything(rank_seed(seed + 7_919 * (step + 1), rank))
+    return [f"resuming {len(rng_states)}-rank RNG states on {world_size} ranks: each rank "
+            "gets its own new stream (not bit-exact)"]
 
 
 # ----------------------------------------------------------------------------- schedules
