@@ -105,13 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from train.checkpoint import CorruptCheckpointError
-    from train.config import ConfigError
+    from train.config import ConfigError, UsageError
 
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:
-        print(f"sddit {args.command}: config error: {exc}", file=sys.stderr)
+        kind = "error" if isinstance(exc, UsageError) else "config error"
+        print(f"sddit {args.command}: {kind}: {exc}", file=sys.stderr)
         return 2
     except CorruptCheckpointError as exc:
         print(f"sddit {args.command}: bad checkpoint: {exc}", file=sys.stderr)

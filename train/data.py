@@ -49,7 +49,9 @@ class DataConfig:
     on_corrupt: str = "error"  # "error" | "skip"
     latent_scale: float | None = None  # None: the index's recorded scale
 
-    def validate(self) -> None:
+    def validate(self, check_paths: bool = True) -> None:
+        """Values always; whether data.path exists only with check_paths (a config can be
+        read and checked on a machine that does not hold its data)."""
         if self.source not in SOURCES:
             raise ValueError(f"data.source must be one of {SOURCES}, got {self.source!r}")
         if self.backend not in BACKENDS:
@@ -64,7 +66,7 @@ class DataConfig:
             raise ValueError(f"data.latent_scale must be > 0 or None, got {self.latent_scale!r}")
         if self.source != "animal-mnist" and not self.path:
             raise ValueError(f"data.path is required for data.source={self.source!r}")
-        if self.source != "animal-mnist" and not os.path.isdir(self.path):
+        if check_paths and self.source != "animal-mnist" and not os.path.isdir(self.path):
             raise FileNotFoundError(f"data.path {self.path!r} is not a directory")
 
 

@@ -383,6 +383,11 @@ def train(cfg: Config, *, resume: bool | str = False, stop_after: int | None = N
     schedules still plan for total_steps). `net` and `batches` replace the configured model
     and data (embedding, tests). Raises ConfigError before any work when the run folder or
     the config does not allow the start asked for (train/resume.py)."""
+    if batches is None:
+        try:
+            cfg.data.validate()
+        except FileNotFoundError as exc:
+            raise ConfigError(str(exc)) from None
     info = D.init_distributed(cfg.run.device)
     if cfg.schedule.batch_size % info.world_size:
         raise ConfigError(f"schedule.batch_size {cfg.schedule.batch_size} is not divisible "
