@@ -234,3 +234,19 @@ def test_nonfinite_steps_are_skipped_on_device_even_between_log_steps(tmp_path):
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     assert [r["step"] for r in read_jsonl(result.metrics) if r["event"] == "nonfinite"] == [1, 4]
     assert json.loads((tmp_path / "config.json").read_text())["schedule"]["log_every"] == 3
+
+
+def test_a_time_bounded_run_plans_its_schedules_from_the_measured_rate(monkeypatch):
+    from train import loop
+
+    now = [100.0]
+    monkeypatch.setattr(loop.time, "monotonic", lambda: now[0])
+    planned = loop.PlannedLength(total=20_000, max_minutes=1.0, start_step=0)
+    assert planned(0) == 20_000  # nothing measured yet
+    now[0] += 6.0  # 10 steps in 6 s: the 60 s budget fits 100
+    assert planned(10) == 100 and not planned.over_budget()
+    now[0] += 54.0
+    assert planned.over_budget() and planned(100) == 101
+    by_steps = loop.PlannedLength(total=500, max_minutes=0.0, start_step=0)
+    now[0] += 1000.0
+    assert by_steps(400) == 500 and not by_steps.over_budget()
