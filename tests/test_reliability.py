@@ -250,3 +250,34 @@ def test_a_time_bounded_run_plans_its_schedules_from_the_measured_rate(monkeypat
     by_steps = loop.PlannedLength(total=500, max_minutes=0.0, start_step=0)
     now[0] += 1000.0
     assert by_steps(400) == 500 and not by_steps.over_budget()
+
+
+def test_a_full_disk_fails_the_save_cleanly_and_keeps_earlier_checkpoints(tmp_path, monkeypatch,
+                                                                         capsys):
+    import errno
+
+    from train.cli import main
+
+    config = os.path.join(ROOT, "configs", "tiny.toml")
+    common = ["train", "--config", config, "--set", f"run.dir={json.dumps(str(tmp_path))}",
+              "--set", "model.overrides={hidden_size=32, depth=2, num_heads=2, patch_size=8, "
+              "head_hidden_dim=32, head_bottleneck_dim=16, n_prototypes=32}",
+              "--set", "schedule.batch_size=8", "--set", "schedule.ckpt_every=1",
+              "--set", "run.progress_bar=false", "--set", "schedule.sample_per_class=1",
+              "--set", "schedule.sample_steps=2"]
+    assert main(common + ["--set", "schedule.total_steps=1"]) == 0
+    first = ckpt.list_checkpoints(str(tmp_path))
+    real_save = torch.save
+
+    def disk_full(obj, f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt.torch, "save", disk_full)
+    assert main(common + ["--set", "schedule.total_steps=2", "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "untouched" in err and "Traceback" not in err
+    monkeypatch.setattr(ckpt.torch, "save", real_save)
+    assert ckpt.list_checkpoints(str(tmp_path)) == first
+    assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
+    ckpt.load_checkpoint(first[-1][1])

@@ -39,6 +39,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from train.checkpoint import CheckpointWriteError
     from train.config import load_config
     from train.distributed import shutdown_distributed
     from train.loop import NonFiniteLossError, TrainingInterrupted, train
@@ -50,7 +51,7 @@ def run_train(args: argparse.Namespace) -> int:
     except TrainingInterrupted as exc:
         print(f"sddit train: {exc}", file=sys.stderr)
         return 128 + exc.signum
-    except NonFiniteLossError as exc:
+    except (NonFiniteLossError, CheckpointWriteError) as exc:
         print(f"sddit train: {exc}", file=sys.stderr)
         return 1
     finally:
