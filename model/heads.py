@@ -64,11 +64,13 @@ class EMATeacher(nn.Module):
         return teacher, student
 
     @torch.no_grad()
-    def ema_update_(self, backbone: nn.Module, head: DiscriminativeHead, momentum: float) -> None:
+    def ema_update_(self, backbone: nn.Module, head: DiscriminativeHead,
+                    momentum: float | torch.Tensor) -> None:
         """teacher <- momentum * teacher + (1 - momentum) * student, for every tensor."""
         teacher, student = self.pairs(backbone, head)
-        torch._foreach_mul_(teacher, momentum)
-        torch._foreach_add_(teacher, [s.detach() for s in student], alpha=1.0 - momentum)
+        # lerp takes the weight as a float or a 0-dim tensor (the training step passes a
+        # device tensor so that a skipped step needs no host read).
+        torch._foreach_lerp_(teacher, [s.detach() for s in student], 1.0 - momentum)
 
     @torch.no_grad()
     def forward(self, x_in: torch.Tensor, c_noise: torch.Tensor, y: torch.Tensor,

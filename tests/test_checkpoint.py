@@ -53,7 +53,8 @@ def test_save_that_fails_midway_leaves_previous_checkpoint(tmp_path, monkeypatch
     assert ckpt.latest_checkpoint(run) == good
     assert ckpt.load_checkpoint(good)["model"]["w"][0, 0] == 1.0
     assert not os.path.exists(ckpt.checkpoint_path(run, 2))
-    assert sorted(os.listdir(run)) == [os.path.basename(good)]  # temporary removed
+    name = os.path.basename(good)  # temporaries removed; the checkpoint and its checksum stay
+    assert sorted(os.listdir(run)) == [name, name + ".sha256"]
 
 
 def test_process_killed_during_saves_leaves_only_loadable_checkpoints(tmp_path) -> None:

@@ -27,17 +27,33 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set optim.lr=2e-4 (TOML literal)")
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CKPT",
-                   help="continue from run.dir's newest checkpoint, or from CKPT")
+                   help="continue from run.dir's newest valid checkpoint, or from CKPT (a "
+                   "file or a run folder); an older CKPT rolls back, moving newer checkpoints "
+                   "into run.dir/abandoned-<time>/")
+    p.add_argument("--fresh", action="store_true",
+                   help="start a new run in a run.dir that holds checkpoints, moving them "
+                   "into run.dir/previous-<time>/ (nothing is deleted)")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume even though batch size, seed, data or model changed (the "
+                   "continued run is then not the one the checkpoint started)")
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from train.checkpoint import CheckpointWriteError
     from train.config import load_config
     from train.distributed import shutdown_distributed
-    from train.loop import train
+    from train.loop import NonFiniteLossError, TrainingInterrupted, train
 
     cfg = load_config(args.config, args.overrides)
     try:
-        result = train(cfg, resume=args.resume)
+        result = train(cfg, resume=args.resume, fresh=args.fresh,
+                       allow_config_change=args.allow_config_change)
+    except TrainingInterrupted as exc:
+        print(f"sddit train: {exc}", file=sys.stderr)
+        return 128 + exc.signum
+    except (NonFiniteLossError, CheckpointWriteError) as exc:
+        print(f"sddit train: {exc}", file=sys.stderr)
+        return 1
     finally:
         shutdown_distributed()
     if result.sample_grid or result.loss_curve:  # main rank only
@@ -89,13 +105,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from train.config import ConfigError
+    from train.checkpoint import CorruptCheckpointError
+    from train.config import ConfigError, UsageError
 
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:
-        print(f"sddit {args.command}: config error: {exc}", file=sys.stderr)
+        kind = "error" if isinstance(exc, UsageError) else "config error"
+        print(f"sddit {args.command}: {kind}: {exc}", file=sys.stderr)
+        return 2
+    except CorruptCheckpointError as exc:
+        print(f"sddit {args.command}: bad checkpoint: {exc}", file=sys.stderr)
         return 2
 
 

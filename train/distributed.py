@@ -61,6 +61,8 @@ def init_distributed(device_preference: str = "auto") -> DistInfo:
 
 
 def shutdown_distributed() -> None:
+    global _HOST_GROUP
+    _HOST_GROUP = None
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -88,6 +90,22 @@ def broadcast_object(obj: object, info: DistInfo) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+_HOST_GROUP = None
+
+
+def any_rank(flags: list[bool], info: DistInfo) -> list[bool]:
+    """Each flag OR-ed over ranks, through a CPU (gloo) group so that agreeing on host-side
+    events (a signal, a time budget) never waits for the GPU."""
+    if not info.distributed:
+        return list(flags)
+    global _HOST_GROUP
+    if _HOST_GROUP is None:
+        _HOST_GROUP = dist.new_group(backend="gloo")
+    values = torch.tensor([float(f) for f in flags])
+    dist.all_reduce(values, op=dist.ReduceOp.MAX, group=_HOST_GROUP)
+    return [v > 0 for v in values.tolist()]
 
 
 def barrier(info: DistInfo) -> None:

@@ -64,7 +64,8 @@ class SamplingEMA:
         return [_local(mine[n]) for n in self._names], [_local(live[n]) for n in self._names]
 
     @torch.no_grad()
-    def update(self, net: nn.Module, beta: float) -> None:
+    def update(self, net: nn.Module, beta: float | torch.Tensor) -> None:
+        # beta may be a 0-dim device tensor (a skipped step passes 1.0 without a host read)
         ema_params, live_params = self._pairs(net)
         if ema_params:
             torch._foreach_lerp_(ema_params, [p.detach() for p in live_params], 1.0 - beta)

@@ -1,19 +1,31 @@
-"""The training loop.
+"""The training loop, in the phases a reader follows like the method:
 
-One step: forward through the loss module (DDP/FSDP-wrapped where distributed), backward,
-gradient-norm (clipped when asked), a finiteness check agreed by every rank, then
-    optimizer step -> SD-DiT teacher momentum update -> sampling EMA update.
-A non-finite loss or gradient skips the optimizer step (the batch is consumed) and is
-logged; `optim.max_consecutive_nonfinite` of them in a row stop the run.
+    set up (device, data, model, optimizer) -> resume -> steps -> shut down
+
+A step (train/step.py) is forward, backward, grad norm, the finite check agreed by every
+rank, optimizer, SD-DiT teacher momentum, sampling EMA; it leaves its statistics on the
+device. The loop reads them only on log steps (and before a checkpoint), so the GPU is never
+idled mid-step. A non-finite loss or gradient skips that step's updates on the device (the
+batch is consumed) and is logged; `optim.max_consecutive_nonfinite` in a row stop the run at
+the next log step.
+
+Schedules (lr warm-up, teacher temperature and momentum) follow the run's planned length:
+`schedule.total_steps`, or for a run bounded by `schedule.max_minutes`, the steps that the
+measured rate fits into the budget.
 
 Resume is exact: the checkpoint carries the step, every rank's RNG states and the data
-position (epoch, batches consumed), and on resume the data is fast-forwarded before the
-RNG states are restored, so the continued run draws what the uninterrupted one would.
+position (epoch, batches consumed); the data source starts at that position and the RNG
+states are restored, so the continued run draws what the uninterrupted one would. Which
+checkpoint, and what happens to the others, is train/resume.py's business.
+
+SIGTERM or Ctrl-C: the current step finishes (every rank agrees on where to stop), a
+checkpoint is saved, and TrainingInterrupted is raised (the CLI exits 128 + signal).
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import random
 import time
@@ -29,11 +41,22 @@ from train import distributed as D
 from train.config import Config, ConfigError, save_resolved, to_dict
 from train.ema import SamplingEMA, ema_beta
 from train.logging_utils import GpuTelemetry, MetricsLogger, plot_loss_curve, read_jsonl
-from train.optim import build_optimizer, learning_rate, set_learning_rate
+from train.optim import build_optimizer, learning_rate
+from train.resume import config_changes, plan_resume
+from train.signals import StopSignals
+from train.step import StepSettings, TrainStep
 
 
 class NonFiniteLossError(RuntimeError):
     """Too many non-finite losses or gradients in a row."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGTERM or Ctrl-C: the run saved a checkpoint and stopped."""
+
+    def __init__(self, signum: int, checkpoint: str | None) -> None:
+        super().__init__(f"stopped by signal {signum}; checkpoint: {checkpoint or '(none)'}")
+        self.signum, self.checkpoint = signum, checkpoint
 
 
 @dataclass
@@ -54,16 +77,21 @@ class DataStream:
     """Endless batches over epochs, tracking (epoch, batches consumed) for checkpoints."""
 
     def __init__(self, batches, epoch: int = 0, position: int = 0) -> None:
-        self.batches, self.epoch, self.position = batches, epoch, 0
+        self.batches, self.epoch, self.position = batches, epoch, position
         self._iter: Iterator | None = None
-        self._start_epoch()
-        for _ in range(position):  # fast-forward a resumed epoch
-            self.next()
+        self._start_epoch(position)
 
-    def _start_epoch(self) -> None:
-        self.batches.set_epoch(self.epoch)
+    def _start_epoch(self, start: int = 0) -> None:
+        takes_start = "start_step" in inspect.signature(self.batches.set_epoch).parameters
+        if takes_start:  # resume by position: nothing is decoded to get there
+            self.batches.set_epoch(self.epoch, start_step=start)
+        else:
+            self.batches.set_epoch(self.epoch)
         self._iter = iter(self.batches)
-        self.position = 0
+        self.position = start
+        if not takes_start:  # a source without positions: read up to where we were
+            for _ in range(start):
+                next(self._iter)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         try:
@@ -74,6 +102,41 @@ class DataStream:
             batch = next(self._iter)
         self.position += 1
         return batch
+
+
+@dataclass
+class Session:
+    """Everything a run has set up, passed between the phases."""
+
+    cfg: Config
+    info: D.DistInfo
+    batches: object
+    net: nn.Module
+    ema: SamplingEMA
+    optimizer: torch.optim.Optimizer
+    step_fn: TrainStep
+    build_record: dict
+    logger: MetricsLogger
+    telemetry: GpuTelemetry
+    notes: list[str]
+    owns_batches: bool  # built here (so closed here), not handed in by the caller
+
+
+@dataclass
+class Progress:
+    step: int = 0
+    images_seen: int = 0
+    skipped: int = 0
+    elapsed_before: float = 0.0
+    epoch: int = 0
+    position: int = 0
+    last_ckpt: str | None = None
+    last_saved: int = -1
+    last_loss: float | None = None
+    stopped_by: str = "total_steps"
+
+
+# ----------------------------------------------------------------------------- set-up
 
 
 def model_overrides(cfg: Config, batches, device: torch.device) -> dict:
@@ -108,47 +171,31 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
-    """Global gradient norm, clipping to max_norm when > 0 (DTensor-aware via torch)."""
-    grads = [p for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    norm = torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm > 0 else float("inf"))
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+def rank_seed(seed: int, rank: int) -> int:
+    """Each rank's noise and mask stream (the data order comes from the seed alone)."""
+    return seed + 1_000_003 * rank
 
 
-def train(cfg: Config, *, resume: bool | str = False, stop_after: int | None = None,
-          net: nn.Module | None = None, batches=None) -> TrainResult:
-    """Runs (or resumes) training as configured. `resume=True` continues from the newest
-    checkpoint in cfg.run.dir; a path picks a file. `stop_after` ends this invocation after
-    that many optimizer steps. `net` and `batches` replace the configured model and data
-    (embedding, tests)."""
-    info = D.init_distributed(cfg.run.device)
+def _set_up(cfg: Config, info: D.DistInfo, net: nn.Module | None, batches,
+            notes: list[str]) -> Session:
+    """Data, model (same init on every rank), sampling EMA, wrappers, optimizer, step."""
     device = info.device
-    sched = cfg.schedule
-    if sched.batch_size % info.world_size:
-        raise ConfigError(f"schedule.batch_size {sched.batch_size} is not divisible by the "
-                          f"{info.world_size} ranks")
-    local_batch = sched.batch_size // info.world_size
-    run_dir = cfg.run.dir
-    logger = MetricsLogger(run_dir, enabled=info.is_main, tensorboard=cfg.run.tensorboard)
-    notes = list(logger.notes)
-
+    local_batch = cfg.schedule.batch_size // info.world_size
+    logger = MetricsLogger(cfg.run.dir, enabled=info.is_main, tensorboard=cfg.run.tensorboard)
+    owns_batches = batches is None
     if batches is None:
         from train.data import build_batches
 
         batches = build_batches(cfg.data, local_batch, rank=info.rank,
                                 world_size=info.world_size, seed=cfg.run.seed, device=device)
-    seed_everything(cfg.run.seed)  # same init on every rank
+    seed_everything(cfg.run.seed)
+    overrides = {}
     if net is None:
         import model
 
         overrides = model_overrides(cfg, batches, device)
         net = model.build(cfg.model.name, **overrides)
-    else:
-        overrides = {}
     net = net.to(device)
-    build_record = {"name": cfg.model.name, "overrides": overrides}
     ema = SamplingEMA(net)
     if cfg.run.activation_checkpointing:
         D.apply_activation_checkpointing(net)
@@ -158,230 +205,373 @@ def train(cfg: Config, *, resume: bool | str = False, stop_after: int | None = N
         D.shard_fsdp2(ema.module, info)
     if cfg.run.compile:
         loss_module.compile()
-    params = [p for p in net.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, cfg.optim, device)
-
-    step, images_seen, skipped, elapsed_before = 0, 0, 0, 0.0
-    epoch, position, rng_states = 0, 0, None
-    resume_from = None
-    if resume:
-        resume_from = ckpt.latest_checkpoint(run_dir if resume is True else str(resume))
-        if resume_from is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {run_dir}")
-        state = ckpt.load_checkpoint(resume_from)
-        D.load_full_model_state(net, state["model"])
-        D.load_full_model_state(ema.module, state["ema"])
-        D.load_full_optimizer_state(net, optimizer, state["optimizer"])
-        step, images_seen = state["step"], state["images_seen"]
-        skipped, elapsed_before = state["skipped_steps"], state["elapsed_s"]
-        epoch, position = state["data"]["epoch"], state["data"]["position"]
-        rng_states = state["rng"]
-        if len(rng_states) != info.world_size:
-            notes.append(f"resuming {len(rng_states)}-rank RNG states on {info.world_size} "
-                         "ranks: the run continues but not bit-exactly")
-        del state
-    # Each rank draws its own noise and masks; the data order comes from the seed alone.
-    seed_everything(cfg.run.seed + 1_000_003 * info.rank)
-    stream = DataStream(batches, epoch, position)
-    if rng_states is not None:  # after the fast-forward, which may draw random numbers
-        ckpt.restore_rng_state(rng_states[min(info.rank, len(rng_states) - 1)])
-    if info.is_main:
-        save_resolved(cfg, run_dir)
-        logger.log({"event": "start", "step": step, "world_size": info.world_size,
-                    "device": str(device), "resumed_from": resume_from,
-                    "num_params": sum(p.numel() for p in params),
-                    "data_backend": getattr(batches, "backend", "custom")})
-
+    optimizer = build_optimizer([p for p in net.parameters() if p.requires_grad], cfg.optim,
+                                device)
+    step_fn = TrainStep(net, loss_module, optimizer, ema, info,
+                        StepSettings(cfg.optim.grad_clip, cfg.schedule.batch_size),
+                        autocast_context(cfg, device))
     telemetry = GpuTelemetry(device)
-    if telemetry.note:
-        notes.append(telemetry.note)
-    for note in notes:
-        if info.is_main:
-            print(f"[sddit] {note}")
+    notes = notes + logger.notes + ([telemetry.note] if telemetry.note else [])
+    return Session(cfg, info, batches, net, ema, optimizer, step_fn,
+                   {"name": cfg.model.name, "overrides": overrides}, logger, telemetry, notes,
+                   owns_batches)
 
-    import model as model_lib
 
-    total = sched.total_steps
-    start_time = time.monotonic()
-    last_saved = step if resume_from else -1
-    last_ckpt = resume_from
-    streak = 0
-    window: list[torch.Tensor] = []
-    window_start = time.monotonic()
-    last_loss, stopped_by, part_names = None, "total_steps", None
-    bar = _progress_bar(cfg, info, step, total)
-    autocast = autocast_context(cfg, device)
-    steps_this_run = 0
-    # Buffers a forward may update (SD-DiT's center): restored when a step is skipped, so
-    # a bad batch leaves no trace.
-    buffers = [b for b in net.buffers() if b.is_floating_point()]
-    buffer_snapshot = [b.detach().clone() for b in buffers]
-    try:
-        while step < total:
-            x, y = stream.next()
-            net.set_progress(step, total)
-            set_learning_rate(optimizer, learning_rate(cfg.optim, step))
-            if buffers:
-                torch._foreach_copy_(buffer_snapshot, buffers)
-            with autocast:
-                losses = loss_module(x, y)
-            losses["loss"].backward()
-            grad_norm = _grad_norm(params, cfg.optim.grad_clip)
-            if part_names is None:
-                part_names = sorted(k for k in losses if k != "loss")
-            budget_over = float(sched.max_minutes > 0 and (
-                time.monotonic() - start_time) / 60 >= sched.max_minutes)
-            local = torch.stack([losses["loss"].detach().float()]
-                                + [losses[k].detach().float().reshape(()) for k in part_names]
-                                + [grad_norm.detach().float().to(device),
-                                   torch.tensor(budget_over, device=device)])
-            finite_flag = torch.isfinite(local).all().float().reshape(1)
-            stats = D.all_reduce_mean(torch.cat([local.nan_to_num(0.0), finite_flag]), info)
-            host = stats.tolist()  # the step's one device-to-host sync
-            all_finite = host[-1] == 1.0
-            if not all_finite:
-                optimizer.zero_grad(set_to_none=True)
-                if buffers:
-                    torch._foreach_copy_(buffers, buffer_snapshot)
-                streak += 1
-                skipped += 1
-                logger.log({"event": "nonfinite", "step": step, "consecutive": streak,
-                            "loss": float(local[0]), "grad_norm": float(local[-2])})
-                if info.is_main:
-                    print(f"[sddit] step {step}: non-finite loss or gradient, step skipped "
-                          f"({streak} in a row)")
-                if streak >= cfg.optim.max_consecutive_nonfinite:
-                    raise NonFiniteLossError(
-                        f"{streak} consecutive non-finite losses/gradients at step {step}: "
-                        "stopping. Lower optim.lr, check the data for NaN/inf, or try "
-                        "run.precision='fp32'; the last good checkpoint is "
-                        f"{last_ckpt or '(none yet)'}")
-                continue
-            streak = 0
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            net.update_teacher(model_lib.teacher_momentum(step, total))
-            ema.update(net, ema_beta(cfg.ema, images_seen, sched.batch_size))
-            step += 1
-            steps_this_run += 1
-            images_seen += sched.batch_size
-            window.append(stats[:-1])
-            last_loss = host[0]
+def _restore(s: Session, state: dict | None) -> Progress:
+    """Loads a checkpoint's weights and counters, and puts each rank's RNG where it was."""
+    cfg, info = s.cfg, s.info
+    progress = Progress()
+    rng_states = None
+    if state is not None:
+        D.load_full_model_state(s.net, state["model"])
+        D.load_full_model_state(s.ema.module, state["ema"])
+        D.load_full_optimizer_state(s.net, s.optimizer, state["optimizer"])
+        progress = Progress(step=state["step"], images_seen=state["images_seen"],
+                            skipped=state["skipped_steps"], elapsed_before=state["elapsed_s"],
+                            epoch=state["data"]["epoch"], position=state["data"]["position"],
+                            last_saved=state["step"])
+        rng_states = state["rng"]
+    s.notes.extend(restore_rng(rng_states, cfg.run.seed, progress.step, info.rank,
+                               info.world_size))
+    return progress
+
+
+def restore_rng(rng_states: list | None, seed: int, step: int, rank: int, world_size: int
+                ) -> list[str]:
+    """Puts this rank's generators where the checkpoint left them. Saved by another number
+    of ranks, they cannot be: each rank then gets a new stream of its own (derived from the
+    seed, the step and the rank), never a copy of another rank's."""
+    seed_everything(rank_seed(seed, rank))
+    if rng_states is None:
+        return []
+    if len(rng_states) == world_size:
+        ckpt.restore_rng_state(rng_states[rank])
+        return []
+    seed_everything(rank_seed(seed + 7_919 * (step + 1), rank))
+    return [f"resuming {len(rng_states)}-rank RNG states on {world_size} ranks: each rank "
+            "gets its own new stream (not bit-exact)"]
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+class PlannedLength:
+    """The number of steps the schedules aim at. A step-bounded run plans total_steps; a
+    time-bounded one plans what the rate measured so far fits into the budget (never more
+    than total_steps), so its warm-ups and cosines finish inside the budget."""
+
+    MIN_STEPS_TO_MEASURE = 5
+
+    def __init__(self, total: int, max_minutes: float, start_step: int) -> None:
+        self.total, self.budget_s, self.start_step = total, max_minutes * 60.0, start_step
+        self.start_time = time.monotonic()
+
+    def __call__(self, step: int) -> int:
+        done = step - self.start_step
+        if self.budget_s <= 0 or done < self.MIN_STEPS_TO_MEASURE:
+            return self.total
+        elapsed = max(time.monotonic() - self.start_time, 1e-6)
+        remaining = max(self.budget_s - elapsed, 0.0)
+        return max(step + 1, min(self.total, step + int(done / elapsed * remaining)))
+
+    def over_budget(self) -> bool:
+        return self.budget_s > 0 and time.monotonic() - self.start_time >= self.budget_s
+
+
+def _teacher_momentum(net: nn.Module, step: int, planned: int) -> float:
+    if hasattr(net, "teacher_momentum"):
+        return float(net.teacher_momentum(step, planned))
+    import model
+
+    return model.teacher_momentum(step, planned)
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+class StatsWindow:
+    """Device stat vectors of the steps since the last read, read in one transfer.
+
+    `drain()` is the loop's only device-to-host read between log steps' records: it turns
+    the pending vectors into host rows, logs each skipped step, and raises
+    NonFiniteLossError when the streak of skipped steps reaches the limit."""
+
+    def __init__(self, s: Session, progress: Progress) -> None:
+        self.s, self.p = s, progress
+        self.pending: list[tuple[int, torch.Tensor]] = []
+        self.rows: list[list[float]] = []  # host rows since the last train record
+        self.streak = 0
+        self.started = time.monotonic()
+
+    def append(self, step: int, stats: torch.Tensor) -> None:
+        self.pending.append((step, stats))
+
+    def drain(self) -> None:
+        if not self.pending:
+            return
+        host = torch.stack([v for _, v in self.pending]).tolist()  # the one read
+        steps = [k for k, _ in self.pending]
+        self.pending = []
+        for step, row in zip(steps, host, strict=True):
+            if row[-1] > 0.5:
+                self.streak = 0
+                self.rows.append(row)
+                self.p.last_loss = row[0]
+            else:
+                self._nonfinite(step, row)
+
+    def _nonfinite(self, step: int, row: list[float]) -> None:
+        s = self.s
+        self.streak += 1
+        self.p.skipped += 1
+        s.logger.log({"event": "nonfinite", "step": step, "consecutive": self.streak,
+                      "loss": row[0], "grad_norm": row[-2]})
+        if s.info.is_main:
+            print(f"[sddit] step {step}: non-finite loss or gradient, step skipped "
+                  f"({self.streak} in a row)")
+        if self.streak >= s.cfg.optim.max_consecutive_nonfinite:
+            raise NonFiniteLossError(
+                f"{self.streak} consecutive non-finite losses/gradients up to step {step}: "
+                "stopping. Lower optim.lr, check the data for NaN/inf, or try "
+                "run.precision='fp32'; the last good checkpoint is "
+                f"{self.p.last_ckpt or '(none yet)'}")
+
+    def record(self, bar, epoch: int, planned: int) -> None:
+        """Drains, then writes one JSONL/TensorBoard record of means since the last one."""
+        self.drain()
+        s, p = self.s, self.p
+        rate = len(self.rows) / max(time.monotonic() - self.started, 1e-9)
+        if self.rows:
+            mean = torch.tensor(self.rows, dtype=torch.float64).mean(0).tolist()
+            names = s.step_fn.part_names or []
+            batch = s.cfg.schedule.batch_size
+            s.logger.log({"event": "train", "step": p.step, "loss": mean[0],
+                          **{f"loss/{k}": v for k, v in zip(names, mean[1:-2], strict=True)},
+                          "grad_norm": mean[-2], "lr": learning_rate(s.cfg.optim, p.step - 1),
+                          "steps_per_s": rate, "images_per_s": rate * batch,
+                          "images_seen": p.images_seen, "epoch": epoch, "planned_steps": planned,
+                          "skipped_steps": p.skipped, **s.telemetry.read()})
             if bar is not None:
-                bar.update(1)
-
-            if step % sched.log_every == 0 or step == total:
-                _log_window(logger, bar, window, window_start, part_names, cfg, step,
-                            images_seen, stream.epoch, skipped, telemetry)
-                window, window_start = [], time.monotonic()
-            if sched.sample_every and step % sched.sample_every == 0:
-                _sample_grid(cfg, info, ema, step, build_record)
-            if sched.ckpt_every and step % sched.ckpt_every == 0:
-                last_ckpt = _save(cfg, info, net, ema, optimizer, step, images_seen, skipped,
-                                  elapsed_before + time.monotonic() - start_time, stream,
-                                  build_record)
-                last_saved = step
-            if stop_after is not None and steps_this_run >= stop_after:
-                stopped_by = "stop_after"
-                break
-            if host[-2] > 0:
-                stopped_by = "max_minutes"
-                break
-    except BaseException:
-        logger.close()
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-    if window:  # stopped between log intervals
-        _log_window(logger, None, window, window_start, part_names, cfg, step, images_seen,
-                    stream.epoch, skipped, telemetry)
-
-    if last_saved != step:
-        last_ckpt = _save(cfg, info, net, ema, optimizer, step, images_seen, skipped,
-                          elapsed_before + time.monotonic() - start_time, stream, build_record)
-    grid = _sample_grid(cfg, info, ema, step, build_record)
-    curve = None
-    if info.is_main:
-        logger.log({"event": "end", "step": step, "stopped_by": stopped_by,
-                    "skipped_steps": skipped})
-        curve = plot_loss_curve(read_jsonl(logger.path), os.path.join(run_dir, "loss_curve.png"))
-    logger.close()
-    return TrainResult(step=step, run_dir=run_dir, checkpoint=last_ckpt, metrics=logger.path,
-                       sample_grid=grid, loss_curve=curve, final_loss=last_loss,
-                       stopped_by=stopped_by, skipped_steps=skipped, notes=notes)
+                bar.set_postfix(loss=f"{mean[0]:.4f}", it_s=f"{rate:.2f}",
+                                img_s=f"{rate * batch:.0f}")
+        self.rows, self.started = [], time.monotonic()
 
 
-def _log_window(logger: MetricsLogger, bar, window: list[torch.Tensor], window_start: float,
-                part_names: list[str], cfg: Config, step: int, images_seen: int, epoch: int,
-                skipped: int, telemetry: GpuTelemetry) -> None:
-    """One JSONL/TensorBoard record: means over the steps since the last record."""
-    batch = cfg.schedule.batch_size
-    mean = torch.stack(window).mean(0).tolist()  # [loss, parts..., grad_norm, budget flag]
-    rate = len(window) / max(time.monotonic() - window_start, 1e-9)
-    logger.log({"event": "train", "step": step, "loss": mean[0],
-                **{f"loss/{k}": v for k, v in zip(part_names, mean[1:-2], strict=True)},
-                "grad_norm": mean[-2], "lr": learning_rate(cfg.optim, step - 1),
-                "steps_per_s": rate, "images_per_s": rate * batch, "images_seen": images_seen,
-                "epoch": epoch, "skipped_steps": skipped, **telemetry.read()})
-    if bar is not None:
-        bar.set_postfix(loss=f"{mean[0]:.4f}", it_s=f"{rate:.2f}", img_s=f"{rate * batch:.0f}")
-
-
-def _progress_bar(cfg: Config, info: D.DistInfo, step: int, total: int):
+def _progress_bar(cfg: Config, info: D.DistInfo, step: int):
     if not (cfg.run.progress_bar and info.is_main):
         return None
     from tqdm.auto import tqdm
 
     budget = cfg.schedule.max_minutes
-    if budget > 0:  # a time-bounded run: an ETA towards total_steps would mislead
-        return tqdm(initial=step, desc=f"train ({budget:.1f} min budget)", unit="step",
-                    dynamic_ncols=True)
-    return tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    desc = f"train ({budget:.1f} min budget)" if budget > 0 else "train"
+    # A time-bounded run's total is its planned length, updated as the rate is measured.
+    return tqdm(total=cfg.schedule.total_steps, initial=step, desc=desc, unit="step",
+                dynamic_ncols=True)
 
 
-def _sample_grid(cfg: Config, info: D.DistInfo, ema: SamplingEMA, step: int,
-                 build_record: dict) -> str | None:
+# ----------------------------------------------------------------------------- the run
+
+
+def train(cfg: Config, *, resume: bool | str = False, stop_after: int | None = None,
+          net: nn.Module | None = None, batches=None, fresh: bool = False,
+          allow_config_change: bool = False) -> TrainResult:
+    """Runs (or resumes) training as configured.
+
+    `resume=True` continues from the newest valid checkpoint in cfg.run.dir; a path picks a
+    file (or a folder's newest). `fresh` starts over in a folder that holds checkpoints,
+    moving them aside. `stop_after` ends this invocation after that many steps (the
+    schedules still plan for total_steps). `net` and `batches` replace the configured model
+    and data (embedding, tests). Raises ConfigError before any work when the run folder or
+    the config does not allow the start asked for (train/resume.py)."""
+    if batches is None:
+        try:
+            cfg.data.validate()
+        except FileNotFoundError as exc:
+            raise ConfigError(str(exc)) from None
+    info = D.init_distributed(cfg.run.device)
+    if cfg.schedule.batch_size % info.world_size:
+        raise ConfigError(f"schedule.batch_size {cfg.schedule.batch_size} is not divisible "
+                          f"by the {info.world_size} ranks")
+    plan = plan_resume(cfg.run.dir, resume, fresh, info)
+    state = ckpt.load_checkpoint(plan.path) if plan.path else None
+    notes = list(plan.notes)
+    if state is not None:
+        notes += config_changes(state["config"], to_dict(cfg), allow_config_change)
+    s = _set_up(cfg, info, net, batches, notes)
+    progress = _restore(s, state)
+    progress.last_ckpt = plan.path
+    del state
+    _announce(s, progress, plan.path)
+    try:
+        with StopSignals() as signals:
+            try:
+                _run_steps(s, progress, stop_after, signals)
+            except BaseException:
+                s.logger.close()
+                raise
+        return _shut_down(s, progress, signals)
+    finally:
+        if s.owns_batches:  # workers and pipelines end with the run, not at exit
+            s.batches.close()
+
+
+def _announce(s: Session, p: Progress, resumed_from: str | None) -> None:
+    if not s.info.is_main:
+        return
+    save_resolved(s.cfg, s.cfg.run.dir)
+    s.logger.log({"event": "start", "step": p.step, "world_size": s.info.world_size,
+                  "device": str(s.info.device), "resumed_from": resumed_from,
+                  "num_params": sum(q.numel() for q in s.step_fn.params),
+                  "data_backend": getattr(s.batches, "backend", "custom"), "notes": s.notes})
+    for note in s.notes:
+        print(f"[sddit] {note}")
+
+
+def _run_steps(s: Session, p: Progress, stop_after: int | None, signals: StopSignals) -> None:
+    cfg, sched = s.cfg, s.cfg.schedule
+    stream = DataStream(s.batches, p.epoch, p.position)
+    planned = PlannedLength(sched.total_steps, sched.max_minutes, p.step)
+    window = StatsWindow(s, p)
+    bar = _progress_bar(cfg, s.info, p.step)
+    start, steps_this_run = time.monotonic(), 0
+    try:
+        while p.step < sched.total_steps:
+            x, y = stream.next()
+            plan = planned(p.step)
+            s.net.set_progress(p.step, plan)
+            stats = s.step_fn(x, y, learning_rate(cfg.optim, p.step),
+                              _teacher_momentum(s.net, p.step, plan),
+                              ema_beta(cfg.ema, p.images_seen, sched.batch_size))
+            window.append(p.step, stats)
+            p.step, p.images_seen, steps_this_run = p.step + 1, p.images_seen + sched.batch_size, \
+                steps_this_run + 1
+            p.epoch, p.position = stream.epoch, stream.position
+            if bar is not None:
+                bar.total = plan if sched.max_minutes > 0 else bar.total
+                bar.update(1)
+            _periodic(s, p, window, bar, plan, time.monotonic() - start)
+            stopped = _should_stop(s, p, signals, planned, stop_after, steps_this_run)
+            if stopped:
+                p.stopped_by = stopped
+                break
+        window.record(bar, p.epoch, planned(p.step))
+    finally:
+        if bar is not None:
+            bar.close()
+    p.elapsed_before += time.monotonic() - start
+
+
+def _periodic(s: Session, p: Progress, window: StatsWindow, bar, plan: int,
+              elapsed: float) -> None:
+    sched = s.cfg.schedule
+    if p.step % sched.log_every == 0 or p.step == sched.total_steps:
+        window.record(bar, p.epoch, plan)
+    if sched.sample_every and p.step % sched.sample_every == 0:
+        _sample_grid(s, p.step)
+    if sched.ckpt_every and p.step % sched.ckpt_every == 0:
+        window.drain()  # the skipped-step count in the checkpoint must be current
+        _save(s, p, p.elapsed_before + elapsed)
+
+
+def _should_stop(s: Session, p: Progress, signals: StopSignals, planned: PlannedLength,
+                 stop_after: int | None, steps_this_run: int) -> str | None:
+    """Why to stop after this step, agreed by every rank (host flags only, no GPU sync)."""
+    if stop_after is not None and steps_this_run >= stop_after:
+        return "stop_after"
+    flags = [signals.requested is not None, planned.over_budget()]
+    signal_any, budget_any = D.any_rank(flags, s.info)
+    if signal_any:
+        return "signal"
+    return "max_minutes" if budget_any else None
+
+
+def _shut_down(s: Session, p: Progress, signals: StopSignals) -> TrainResult:
+    """The final checkpoint (unless the last step was just saved), the grid and the curve;
+    after a signal, only the checkpoint, then TrainingInterrupted."""
+    cfg, info = s.cfg, s.info
+    try:
+        if p.last_saved != p.step:
+            _save(s, p, p.elapsed_before)
+        interrupted = p.stopped_by == "signal"
+        grid = None if interrupted else _sample_grid(s, p.step)
+        curve = None
+        s.logger.log({"event": "end", "step": p.step, "stopped_by": p.stopped_by,
+                      "skipped_steps": p.skipped, "checkpoint": p.last_ckpt})
+        if info.is_main and not interrupted:
+            curve = plot_loss_curve(read_jsonl(s.logger.path),
+                                    os.path.join(cfg.run.dir, "loss_curve.png"))
+    finally:
+        s.logger.close()
+    if interrupted:
+        raise TrainingInterrupted(signals.requested or 15, p.last_ckpt)
+    checkpoint = p.last_ckpt if p.last_ckpt and os.path.isfile(p.last_ckpt) else None
+    return TrainResult(step=p.step, run_dir=cfg.run.dir, checkpoint=checkpoint,
+                       metrics=s.logger.path, sample_grid=grid, loss_curve=curve,
+                       final_loss=p.last_loss, stopped_by=p.stopped_by, skipped_steps=p.skipped,
+                       notes=s.notes)
+
+
+def _sample_grid(s: Session, step: int) -> str | None:
     """A class-row grid from the sampling EMA, drawn on the main rank. Under FSDP2 every
     rank helps gather the EMA weights into a whole copy first."""
     from train.sample import class_grid
 
+    cfg, info, ema = s.cfg, s.info, s.ema
     if not hasattr(ema.module, "config"):  # a custom net without the sampling interface
         return None
     sampler_net = ema.module
     if D.is_sharded(ema.module):
         state = D.full_model_state(ema.module)
-        if not (info.is_main and build_record.get("overrides")):
+        if not (info.is_main and s.build_record.get("overrides")):
             return None
-        sampler_net = ckpt.build_net(build_record, info.device)
+        sampler_net = ckpt.build_net(s.build_record, info.device)
         sampler_net.load_state_dict(state)
         sampler_net = sampler_net.to(info.device).eval()
     if not info.is_main:
         return None
-    state = ckpt.capture_rng_state()  # sampling must not perturb the training RNG
+    rng = ckpt.capture_rng_state()  # sampling must not perturb the training RNG
     try:
         path = os.path.join(cfg.run.dir, "samples", f"step{step:08d}.png")
         return class_grid(sampler_net, int(sampler_net.config.num_classes),
                           cfg.schedule.sample_per_class, path,
                           num_steps=cfg.schedule.sample_steps, seed=cfg.run.seed)
     finally:
-        ckpt.restore_rng_state(state)
+        ckpt.restore_rng_state(rng)
 
 
-def _save(cfg: Config, info: D.DistInfo, net: nn.Module, ema: SamplingEMA,
-          optimizer: torch.optim.Optimizer, step: int, images_seen: int, skipped: int,
-          elapsed: float, stream: DataStream, build_record: dict) -> str | None:
-    """Every rank calls this (state gathering is collective); rank 0 writes."""
-    model_state = D.full_model_state(net)
-    ema_state = D.full_model_state(ema.module)
-    optim_state = D.full_optimizer_state(net, optimizer)
+def weights_finite(net: nn.Module, info: D.DistInfo) -> bool:
+    """Every parameter and floating buffer finite, on every rank (one host read)."""
+    tensors = [t.to_local() if hasattr(t, "to_local") else t
+               for t in list(net.parameters()) + list(net.buffers()) if t.is_floating_point()]
+    if not tensors:
+        return True
+    local = torch.stack([n.float() for n in torch._foreach_norm(tensors)]).isfinite().all()
+    return bool(D.all_reduce_mean(local.float().reshape(1), info).item() == 1.0)
+
+
+def _save(s: Session, p: Progress, elapsed: float) -> None:
+    """Every rank calls this (state gathering is collective); rank 0 writes. A state with
+    non-finite weights is never saved: the last good checkpoint stays the last."""
+    cfg, info = s.cfg, s.info
+    if not weights_finite(s.net, info) or not weights_finite(s.ema.module, info):
+        s.notes.append(f"step {p.step}: weights are not finite, checkpoint NOT saved; the last "
+                       f"good one is {p.last_ckpt or '(none)'}")
+        s.logger.log({"event": "nonfinite_weights", "step": p.step, "last_good": p.last_ckpt})
+        if info.is_main:
+            print(f"[sddit] {s.notes[-1]}")
+        p.last_saved = p.step
+        return
+    model_state = D.full_model_state(s.net)
+    ema_state = D.full_model_state(s.ema.module)
+    optim_state = D.full_optimizer_state(s.net, s.optimizer)
     rng = D.all_gather_objects(ckpt.capture_rng_state(), info)
     path = None
     if info.is_main:
         payload = {"model": model_state, "ema": ema_state, "optimizer": optim_state,
-                   "images_seen": images_seen, "skipped_steps": skipped, "elapsed_s": elapsed,
-                   "rng": rng, "data": {"epoch": stream.epoch, "position": stream.position},
-                   "config": to_dict(cfg), "model_build": build_record}
-        path = ckpt.save_checkpoint(cfg.run.dir, step, payload, cfg.schedule.keep_last)
-    D.barrier(info)
-    return path
+                   "images_seen": p.images_seen, "skipped_steps": p.skipped,
+                   "elapsed_s": elapsed, "rng": rng,
+                   "data": {"epoch": p.epoch, "position": p.position},
+                   "config": to_dict(cfg), "model_build": s.build_record}
+        path = ckpt.save_checkpoint(cfg.run.dir, p.step, payload, cfg.schedule.keep_last)
+    p.last_ckpt = D.broadcast_object(path, info)
+    p.last_saved = p.step

@@ -12,7 +12,8 @@ from train.config import OptimConfig
 
 def build_optimizer(params: list[nn.Parameter], cfg: OptimConfig,
                     device: torch.device) -> torch.optim.Optimizer:
-    """apex FusedAdam (adam_w_mode) when importable on CUDA, else torch AdamW, fused on CUDA."""
+    """apex FusedAdam (adam_w_mode) when importable on CUDA, else torch's fused AdamW (CPU
+    and CUDA), whose `found_inf` lets the training step skip a bad step on the device."""
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
     if device.type == "cuda" and importlib.util.find_spec("apex") is not None:
         try:
@@ -21,7 +22,7 @@ def build_optimizer(params: list[nn.Parameter], cfg: OptimConfig,
             pass
         else:
             return FusedAdam(params, adam_w_mode=True, **kwargs)
-    return torch.optim.AdamW(params, fused=device.type == "cuda", **kwargs)
+    return torch.optim.AdamW(params, fused=True, **kwargs)
 
 
 def learning_rate(cfg: OptimConfig, step: int) -> float:
