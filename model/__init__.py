@@ -1,4 +1,5 @@
-"""SD-DiT, DiT and MaskDiT on one DiT backbone, with EDM preconditioning and sampling.
+"""SD-DiT, DiT, MaskDiT and MDT as configurations of one network, with EDM preconditioning
+and sampling. `METHODS` lists the methods in the chart's order.
 
     net = model.build("SD-DiT-XL/2", use_kernels=True)
     losses = net.training_losses(x0, y)          # {"loss", "gen", "dis"}
@@ -26,11 +27,21 @@ def build(name: str, **overrides: Any) -> DiffusionTransformer:
     return DiffusionTransformer(make_config(name, **overrides))
 
 
+def _config(net_or_config: nn.Module | ModelConfig) -> ModelConfig:
+    return net_or_config if isinstance(net_or_config, ModelConfig) else net_or_config.config
+
+
 def encoder_patches(net_or_config: nn.Module | ModelConfig) -> int:
     """Number of tokens the (student) encoder sees per image in training, e.g. 205 for
-    SD-DiT-XL/2 (mask ratio 0.2 of 256), 256 for DiT, 128 for MaskDiT."""
-    cfg = net_or_config if isinstance(net_or_config, ModelConfig) else net_or_config.config
-    return cfg.encoder_tokens
+    SD-DiT-XL/2 (mask ratio 0.2 of 256), 256 for DiT, 128 for MaskDiT; for MDT its masked
+    pass's mean, 153 (it also runs an unmasked pass: `encoder_passes`)."""
+    return _config(net_or_config).encoder_tokens
+
+
+def encoder_passes(net_or_config: nn.Module | ModelConfig) -> tuple[int, ...]:
+    """Encoder tokens of each forward of one training step: (205,) for SD-DiT-XL/2,
+    (256, 153) for MDT (unmasked, then masked at the mean per-step ratio)."""
+    return _config(net_or_config).encoder_passes
 
 
 def teacher_momentum(step: int, total_steps: int, base: float = 0.996, final: float = 1.0
@@ -53,6 +64,7 @@ __all__ = [
     "available_attention_backends",
     "build",
     "edm_sample",
+    "encoder_passes",
     "encoder_patches",
     "flops_per_image",
     "make_config",

@@ -75,6 +75,32 @@ class DiTBackbone(nn.Module):
             self.decoder_pos_embed = None
         self.final_layer = FinalLayer(Dd, cfg.patch_size, cfg.in_channels, D)
 
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """After xavier on every linear (`DiffusionTransformer.initialize_weights`): the patch
+        embedding like a linear, label table and timestep MLP N(0, 0.02), adaLN-Zero, zero
+        output layer, MaskDiT's zero decoder interface, mask token N(0, 0.02)."""
+        w = self.x_embedder.proj.weight  # like a linear on the flattened patch
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in [*self.encoder, *self.decoder]:  # adaLN-Zero: every block starts as identity
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+        if self.decoder_layer is not None:  # MaskDiT: the decoder starts from mask token + position
+            nn.init.zeros_(self.decoder_layer.adaLN_modulation[-1].weight)
+            nn.init.zeros_(self.decoder_layer.adaLN_modulation[-1].bias)
+            nn.init.zeros_(self.decoder_layer.linear.weight)
+            nn.init.zeros_(self.decoder_layer.linear.bias)
+        if self.mask_token is not None:
+            nn.init.normal_(self.mask_token, std=0.02)
+
     def embed(self, x_in: torch.Tensor) -> torch.Tensor:
         return self.x_embedder(x_in) + self.pos_embed  # [B, L, D]
 

@@ -5,6 +5,9 @@ convolution and the two attention matmuls (QK^T and PV); norms, activations, sof
 elementwise ops are left out. Per-sample work (adaLN modulation, timestep MLP) is counted
 once per image.
 
+MDT (`mdt_pass_macs`) counts its skip linears and side-interpolater, and in training both
+forwards, the masked one averaged over the per-step mask ratio.
+
 Training (`train=True`) counts one step's work per image: the trained parts (masked
 student encoder on L_keep tokens, decoder on L, head on L_keep) cost forward + 2 x forward
 for the backward; the teacher (SD-DiT) is forward only, its encoder on all L tokens of its
@@ -57,13 +60,35 @@ def head_macs(cfg: ModelConfig, tokens: int) -> int:
     return tokens * (D * h + h * h + h * b + b * cfg.n_prototypes)
 
 
+def mdt_pass_macs(cfg: ModelConfig, kept: int | None) -> int:
+    """One MDT forward: embedding of all L tokens, the encoder halves on `kept` tokens (all
+    when None) with a skip linear (2D -> D per token) in each out-block, the side-interpolater
+    block on all L (masked pass only), the decoder blocks on L each with an input-skip
+    linear, and the final layer. The relative position bias is an add: not counted."""
+    D, L, p, r = cfg.hidden_size, cfg.num_tokens, cfg.patch_size, cfg.mlp_ratio
+    T = L if kept is None else kept
+    half = cfg.encoder_depth // 2
+    encoder = 2 * half * block_macs(T, D, r, D) + half * T * 2 * D * D
+    side = 0 if kept is None else block_macs(L, D, r, D)
+    decoder = cfg.decoder_depth * (block_macs(L, D, r, D) + L * 2 * D * D)
+    final = D * 2 * D + L * D * p * p * cfg.in_channels
+    return embedder_macs(cfg) + encoder + side + decoder + final
+
+
 def forward_macs(cfg: ModelConfig) -> int:
     """Inference: every token through encoder and decoder; no teacher, no heads."""
     L = cfg.num_tokens
+    if cfg.backbone == "mdt":
+        return mdt_pass_macs(cfg, None)
     return embedder_macs(cfg) + encoder_macs(cfg, L) + decoder_macs(cfg, L)
 
 
-def training_macs(cfg: ModelConfig) -> int:
+def training_macs(cfg: ModelConfig) -> float:
+    if cfg.backbone == "mdt":
+        # Two trained forwards per step: unmasked, and masked at the expected kept count
+        # (averaged over the per-step ratio, so attention's T^2 is averaged exactly).
+        masked = sum(share * mdt_pass_macs(cfg, k) for k, share in cfg.kept_distribution)
+        return 3 * (mdt_pass_macs(cfg, None) + masked)
     kept = cfg.encoder_tokens
     student = (embedder_macs(cfg) + encoder_macs(cfg, kept) + decoder_macs(cfg, kept)
                + head_macs(cfg, kept))
@@ -99,7 +124,8 @@ def parameter_count(cfg: ModelConfig) -> dict[str, int]:
 def method_table(methods: tuple[str, ...] | None = None,
                  sizes: tuple[str, ...] = ("S/2", "B/2", "XL/2")) -> list[dict]:
     """One row per method x size of the ImageNet-256 presets: trainable parameters, encoder
-    tokens in training, and GFLOPs per image (training step and inference forward)."""
+    tokens in training (per forward: MDT runs an unmasked and a masked one), and GFLOPs per
+    image (training step and inference forward)."""
     from model.config import METHODS, make_config
 
     rows = []
@@ -110,7 +136,7 @@ def method_table(methods: tuple[str, ...] | None = None,
             rows.append({
                 "model": f"{method}-{size}", "method": method, "size": size,
                 "params_m": params["trainable"] / 1e6, "teacher_params_m": params["teacher"] / 1e6,
-                "encoder_tokens": cfg.encoder_tokens,
+                "encoder_tokens": cfg.encoder_tokens, "encoder_passes": cfg.encoder_passes,
                 "train_gflops": flops_per_image(cfg, train=True) / 1e9,
                 "forward_gflops": flops_per_image(cfg, train=False) / 1e9,
             })
@@ -125,8 +151,9 @@ def format_method_table(rows: list[dict]) -> str:
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         ratio = f"{r['train_gflops'] / dit[r['size']]:.2f}x" if r["size"] in dit else "-"
+        tokens = " + ".join(str(t) for t in r["encoder_passes"])
         lines.append(f"| {r['model']} | {r['params_m']:.1f} | {r['teacher_params_m']:.1f} | "
-                     f"{r['encoder_tokens']} | {r['train_gflops']:.1f} | {ratio} | "
+                     f"{tokens} | {r['train_gflops']:.1f} | {ratio} | "
                      f"{r['forward_gflops']:.1f} |")
     return "\n".join(lines)
 

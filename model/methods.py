@@ -33,6 +33,7 @@ from model.heads import (
     update_center_,
 )
 from model.layers import drop_labels, gather_tokens, kept_patch_weight, random_keep_ids
+from model.mdt import MDTBackbone, RelPosAttention, sample_num_kept
 from model.precond import (
     NoisyViews,
     edm_loss,
@@ -54,7 +55,7 @@ class DiffusionTransformer(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.backbone = DiTBackbone(config)
+        self.backbone = MDTBackbone(config) if config.backbone == "mdt" else DiTBackbone(config)
         self.head: DiscriminativeHead | None = None
         self.teacher: EMATeacher | None = None
         if config.has_teacher:
@@ -68,7 +69,8 @@ class DiffusionTransformer(nn.Module):
 
     @torch.no_grad()
     def initialize_weights(self) -> None:
-        """All initialisation, DiT style: xavier linears, zero adaLN and output layers."""
+        """All initialisation, DiT style: xavier linears, then the backbone's own (zero adaLN
+        and output layers, ...), then the heads."""
         def basic_init(module: nn.Module) -> None:
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -76,27 +78,7 @@ class DiffusionTransformer(nn.Module):
                     nn.init.zeros_(module.bias)
 
         self.apply(basic_init)
-        bb = self.backbone
-        w = bb.x_embedder.proj.weight  # like a linear on the flattened patch
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(bb.x_embedder.proj.bias)
-        nn.init.normal_(bb.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(bb.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(bb.t_embedder.mlp[2].weight, std=0.02)
-        for block in [*bb.encoder, *bb.decoder]:  # adaLN-Zero: every block starts as identity
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        nn.init.zeros_(bb.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(bb.final_layer.adaLN_modulation[-1].bias)
-        nn.init.zeros_(bb.final_layer.linear.weight)
-        nn.init.zeros_(bb.final_layer.linear.bias)
-        if bb.decoder_layer is not None:  # MaskDiT: the decoder starts from mask token + position
-            nn.init.zeros_(bb.decoder_layer.adaLN_modulation[-1].weight)
-            nn.init.zeros_(bb.decoder_layer.adaLN_modulation[-1].bias)
-            nn.init.zeros_(bb.decoder_layer.linear.weight)
-            nn.init.zeros_(bb.decoder_layer.linear.bias)
-        if bb.mask_token is not None:
-            nn.init.normal_(bb.mask_token, std=0.02)
+        self.backbone.initialize_weights()
         if self.head is not None:
             for layer in self.head.mlp:
                 if isinstance(layer, nn.Linear):
@@ -108,6 +90,8 @@ class DiffusionTransformer(nn.Module):
         """x0 [B, C, H, W], y [B] -> {"loss", "gen", and "dis" (SD-DiT) / "mae" (MaskDiT)}.
         Noise, sigma, label dropout and masks come from the global RNG on x0's device."""
         cfg, bb, fused = self.config, self.backbone, self.config.use_kernels
+        if cfg.backbone == "mdt":
+            return self.mdt_losses(x0, y)
         B, L, device = x0.shape[0], cfg.num_tokens, x0.device
         sigma = sample_sigma(B, cfg.P_mean, cfg.P_std, device)  # [B]
         noise = torch.randn_like(x0)  # [B, C, H, W]
@@ -139,6 +123,34 @@ class DiffusionTransformer(nn.Module):
                                      cfg.patch_size).mean()
             total = total + cfg.mae_weight * losses["mae"]
         losses["loss"] = total
+        return losses
+
+    def mdt_losses(self, x0: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """MDTv2's step under EDM: one sigma per sample shared by two forwards, each with its
+        own noise and label dropout (as the public code's two `training_losses` calls share
+        t): "gen" of the unmasked pass plus "gen_masked" of the masked pass, whose ratio
+        r = mask_ratio + U(0, mask_ratio_jitter) is drawn once per step (CPU generator, no
+        device sync) and keeps int(L (1 - r)) tokens per sample."""
+        cfg, bb, fused = self.config, self.backbone, self.config.use_kernels
+        B, L, device = x0.shape[0], cfg.num_tokens, x0.device
+        sigma = sample_sigma(B, cfg.P_mean, cfg.P_std, device)  # [B]
+        losses = {}
+        for name in ("gen", "gen_masked"):
+            noise = torch.randn_like(x0)
+            labels = drop_labels(y, cfg.class_dropout, cfg.num_classes)  # [B]
+            views = precondition(x0, noise, sigma, None, cfg.sigma_data, fused)
+            tokens = bb.embed(views.x_in)  # [B, L, D]
+            c = bb.condition(views.c_noise, labels)  # [B, D]
+            if name == "gen":
+                x = bb.encode(tokens, c) + bb.decoder_pos_embed  # [B, L, D]
+            else:
+                ids_keep = random_keep_ids(B, L, sample_num_kept(cfg), device)  # [B, K]
+                z = bb.encode(gather_tokens(tokens, ids_keep, fused), c, ids_keep)  # [B, K, D]
+                x = bb.side_interpolate(z, c, ids_keep)  # [B, L, D]
+            F = bb.decode(x, c, tokens)  # [B, C, H, W]
+            losses[name] = edm_loss(F, views.x_noisy, x0, sigma, cfg.sigma_data, None,
+                                    cfg.patch_size, fused).mean()
+        losses["loss"] = losses["gen"] + losses["gen_masked"]
         return losses
 
     def teacher_inputs(self, x0: torch.Tensor, noise: torch.Tensor, views: NoisyViews
@@ -222,9 +234,11 @@ class DiffusionTransformer(nn.Module):
         """The backend the latest forward ran on; before any, the one fp32 tensors on this
         net's device would get (autocast to fp16/bf16 on CUDA may then pick a faster one)."""
         for module in self.backbone.modules():
-            if isinstance(module, Attention) and module.last_backend is not None:
+            if isinstance(module, (Attention, RelPosAttention)) and module.last_backend:
                 return module.last_backend
         cfg = self.config
+        if cfg.backbone == "mdt":  # an additive bias: SDPA unless 'math' is forced
+            return "math" if cfg.attention == "math" else "sdpa"
         if cfg.attention != "auto":
             return cfg.attention
         weight = self.backbone.final_layer.linear.weight
