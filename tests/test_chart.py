@@ -2,7 +2,7 @@
 steps (checkpoints at 2 and 4) plus a 2-point SD-DiT mask sweep, FID/precision/recall
 of 8 samples at each checkpoint, every file and field checked; an interrupted chart
 continues where it stopped. The models are the tiny presets shrunk further (width 32,
-2 blocks, patch 8) and the FID network is a cheap stand-in with the Inception contract
+4 blocks, patch 8) and the FID network is a cheap stand-in with the Inception contract
 ([N, 3, 299, 299] -> [N, 2048]), so the real network's cost (~7 images/s here) stays out."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from bench import chart
 
 TOY = ("schedule.batch_size=8", "optim.warmup_steps=1", "schedule.log_every=1",
        "run.progress_bar=false",
-       "model.overrides={patch_size=8, hidden_size=32, depth=3, num_heads=2, "
+       "model.overrides={patch_size=8, hidden_size=32, depth=4, num_heads=2, "
        "head_hidden_dim=32, head_bottleneck_dim=16, n_prototypes=32}")
 POINT_FIELDS = {
     "schema", "scale", "method", "run", "sweep", "seed", "step", "total_steps", "config",
@@ -66,7 +66,7 @@ def check_point(record: dict) -> None:
     assert record["steps_per_s"] > 0 and record["images_per_s"] == pytest.approx(
         8 * record["steps_per_s"])
     assert record["train_seconds"] > 0 and record["rate_windows"] >= 1
-    cfg = model.make_config(record["model"], patch_size=8, hidden_size=32, depth=3, num_heads=2,
+    cfg = model.make_config(record["model"], patch_size=8, hidden_size=32, depth=4, num_heads=2,
                             head_hidden_dim=32, head_bottleneck_dim=16, n_prototypes=32,
                             mask_ratio=record["mask_ratio"])
     assert record["encoder_patches"] == model.encoder_patches(cfg) and record["tokens"] == 16
@@ -80,8 +80,8 @@ def check_point(record: dict) -> None:
 def check_outputs(out: Path, work: Path) -> dict:
     summary = json.loads((out / "chart.json").read_text())
     points = sorted((out / "points").glob("*.json"))
-    # 3 methods x 2 steps, plus the mask-0 sweep run (mask 0.2 is SD-DiT's own run).
-    assert len(points) == 3 * 2 + 1 and summary["complete"]
+    # Every method x 2 steps, plus the mask-0 sweep run (mask 0.2 is SD-DiT's own run).
+    assert len(points) == len(model.METHODS) * 2 + 1 and summary["complete"]
     assert [f"points/{p.name}" for p in points] == summary["points"]
     for path in points:
         check_point(json.loads(path.read_text()))
@@ -112,7 +112,7 @@ def test_chart_runs_end_to_end_and_resumes_after_an_interruption(tmp_path, monke
 
     def interrupted(self, *args, **kwargs):
         calls.append(args[1])
-        if len(calls) == 4:
+        if len(calls) == len(model.METHODS) + 1:  # the first evaluation at step 4
             raise KeyboardInterrupt  # as if stopped by the user in the middle of the plan
         return real_evaluate(self, *args, **kwargs)
 
@@ -120,7 +120,7 @@ def test_chart_runs_end_to_end_and_resumes_after_an_interruption(tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         chart.run_chart_plan(settings, network=stub_network())
     first = sorted((tmp_path / "out" / "points").glob("*.json"))
-    assert len(first) == 3  # the three methods at step 2
+    assert len(first) == len(model.METHODS)  # every method at step 2
     stamps = {p: p.stat().st_mtime_ns for p in first}
 
     monkeypatch.setattr(chart.Evaluator, "evaluate", real_evaluate)
@@ -131,7 +131,9 @@ def test_chart_runs_end_to_end_and_resumes_after_an_interruption(tmp_path, monke
                         real_train_to(cfg, step))
     chart.run_chart_plan(settings, network=stub_network())
     assert {p: p.stat().st_mtime_ns for p in first} == stamps  # finished points kept
-    assert len(trained) == 4  # 3 runs to step 4 (from their step-2 checkpoints) + sweep
+    # Every method run to step 4 (the first already there, the others from their step-2
+    # checkpoints), plus the mask-0 sweep run.
+    assert len(trained) == len(model.METHODS) + 1
     check_outputs(tmp_path / "out", tmp_path / "work")
 
 
