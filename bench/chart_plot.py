@@ -61,16 +61,25 @@ def _subtitle(summary: dict) -> str:
 def fig3_speed_vs_fid(summary: dict, out: str) -> list[str]:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.8))
-    for method, row in summary["final"].items():
+    rows = [(m, r) for m, r in summary["final"].items()
+            if r["steps_per_s"]["mean"] is not None and r["fid"]["mean"] is not None]
+    xs = [r["steps_per_s"]["mean"] for _, r in rows] or [0.0]
+    ys = [r["fid"]["mean"] for _, r in rows] or [0.0]
+    xspan, yspan = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
+    placed: list[tuple[float, float]] = []
+    for method, row in rows:
         x, xerr = _mean_std(row["steps_per_s"])
         y, yerr = _mean_std(row["fid"])
-        if x is None or y is None:
-            continue
         ax.errorbar([x], [y], xerr=xerr, yerr=yerr, fmt="o", ms=9, capsize=4,
                     color=_color(method), label=method)
+        # A label that would run into an earlier one goes below its point instead.
+        crowded = any(abs(x - px) < 0.4 * xspan and abs(y - py) < 0.06 * yspan
+                      for px, py in placed)
         ax.annotate(f"{method}, {row['encoder_patches']} patches", (x, y),
-                    textcoords="offset points", xytext=(8, 6), fontsize=9)
-    ax.set_xlabel("training speed (steps/s, median after warm-up)")
+                    textcoords="offset points", xytext=(8, -14 if crowded else 6), fontsize=9)
+        placed.append((x, y))
+    device = summary["environment"].get("device")
+    ax.set_xlabel(f"training speed (steps/s on {device}, median after warm-up)")
     ax.set_ylabel(f"FID at step {summary['final_step']:,} (lower is better)")
     ax.set_title("Training speed vs FID (paper Fig. 3 analogue)\n" + _subtitle(summary),
                  fontsize=9)
