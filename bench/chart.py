@@ -631,7 +631,10 @@ def verdict(finals: dict, mask: list[dict], curves: dict) -> dict[str, Any]:
         ranking = sorted(rows, key=rows.get)
         present = [m for m in PAPER_ORDER if m in rows]
         holds = [m for m in ranking if m in PAPER_ORDER] == present if len(present) > 1 else None
-        return {"ranking": ranking, "fid": rows, "paper_order_holds": holds}
+        pairs = {f"{a} < {b}": rows[a] < rows[b] for i, a in enumerate(present)
+                 for b in present[i + 1:]}  # each claim of the paper's ordering on its own
+        return {"ranking": ranking, "fid": rows, "paper_order_holds": holds,
+                "paper_pairs_hold": pairs}
 
     out["final"] = ordered({m: r["fid"]["mean"] for m, r in finals.items()
                             if r["fid"]["mean"] is not None})

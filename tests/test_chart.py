@@ -94,6 +94,10 @@ def check_outputs(out: Path, work: Path) -> dict:
     verdict = summary["verdict"]
     assert set(verdict["final"]["fid"]) == set(model.METHODS)
     assert isinstance(verdict["final"]["paper_order_holds"], bool)
+    pairs = verdict["final"]["paper_pairs_hold"]
+    assert set(pairs) == {"SD-DiT < MaskDiT", "SD-DiT < DiT", "MaskDiT < DiT"}
+    fid = verdict["final"]["fid"]
+    assert pairs["SD-DiT < DiT"] == (fid["SD-DiT"] < fid["DiT"])
     assert verdict["best_mask_ratio"] in (0.0, 0.2)
     for stem in PICTURES:
         for ext in ("png", "svg"):
