@@ -247,6 +247,8 @@ def add_step_arguments(p: argparse.ArgumentParser) -> None:
                    help="steps profiled for the time shares (0 skips the profile)")
     p.add_argument("--device", default="auto", help="auto | cuda | cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gpu-only", action="store_true",
+                   help="without CUDA, say 'no GPU', write that and exit 0 (device check)")
     p.add_argument("--out", default="bench-out/step.json")
 
 
@@ -307,6 +309,10 @@ def _print_methods(rows: list[dict[str, Any]]) -> None:
 def run_step(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
+    if args.gpu_only and not torch.cuda.is_available():
+        print("sddit bench step: no GPU (no CUDA device); nothing timed.")
+        write_json(args.out, {"env": environment(), "status": "no GPU", "results": []})
+        return 0
     try:
         device, paths = _resolve(args)
     except ValueError as exc:
