@@ -102,11 +102,11 @@ class Breakdown:
         return [{"name": k, "ms_per_step": us / 1e3 / self.steps, "pct": 100 * us / total,
                  "calls_per_step": self.kernel_calls[k] / self.steps} for k, us in rows]
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, top: int = 15) -> dict[str, Any]:
         return {"steps": self.steps, "device": self.device, "time_unit": "ms per step",
                 "total_ms_per_step": self.total_us / 1e3 / self.steps,
                 "shares": self.shares(), "phases": self.phase_table(),
-                "top_kernels": self.top_kernels()}
+                "top_kernels": self.top_kernels(top)}
 
 
 def _lineage(event: Any) -> tuple[list[str], str | None]:
