@@ -124,6 +124,7 @@ def run_cases(cases: list[KernelCase], args: argparse.Namespace, env: dict[str, 
     copy_gbs = copy_bandwidth_gbs()
     print(f"device-to-device copy: {copy_gbs:.0f} GB/s", flush=True)
     rows: list[dict[str, Any]] = []
+    write_json(args.out, _payload(env, copy_gbs, rows, "running: 0 done", cases))
     slowest, status = 0.0, "complete"
     for i, case in enumerate(cases):
         elapsed = time.monotonic() - start

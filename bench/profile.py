@@ -23,9 +23,10 @@ torch-tb-profiler plugin) and `profile.json` (the per-phase table in ms per step
 top kernels, the attention / GEMM / fused / optimizer / EMA shares). On CPU the times are
 the ops' self CPU times; on CUDA, kernel device times.
 
-`--static` lowers every sdkernels kernel for sm_80 and sm_90 (sdkernels/_lowering.py,
-launch-time specialisation included) and reports registers, spills and shared memory per
-kernel with the occupancy per SM computed from them: resident blocks are limited by warps
+`--static` lowers every sdkernels kernel for sm_80 and sm_90 (sdkernels._lowering's
+launch_cases: integer arguments specialised as a launch does, fp32 variants included) and
+reports registers, spills and shared memory per kernel with the occupancy per SM computed
+from them: resident blocks are limited by warps
 (64 per SM), registers (64K per SM, allocated per warp in units of 256), shared memory
 (164 KiB on sm_80, 228 KiB on sm_90, plus 1 KiB reserved per block) and 32 blocks per SM.
 """
@@ -260,9 +261,9 @@ def occupancy(capability: int, registers: int | None, shared_bytes: int,
 _LOWER_SCRIPT = """
 import json, sys
 from dataclasses import asdict
-from sdkernels._lowering import CAPABILITIES, all_cases, lower
+from sdkernels._lowering import CAPABILITIES, launch_cases, lower
 prefix = sys.argv[1]
-for case in all_cases():
+for case in launch_cases():
     if not case.name.startswith(prefix):
         continue
     for cap in CAPABILITIES:

@@ -102,6 +102,8 @@ def build_rig(name: str, path: str, batch: int, device: torch.device, seed: int 
     x = torch.randn(batch, c.in_channels, c.input_size, c.input_size, device=device)
     y = torch.randint(0, c.num_classes, (batch,), device=device)
     backend = current_backend(x) if use_kernels else "none"
+    if backend == "triton" and device.type == "cpu":
+        backend = "triton (interpreter)"
     return Rig(net, step_fn, x, y, device, backend)
 
 
