@@ -71,13 +71,13 @@ def stage_data(out_dir: str, source: str) -> dict[str, Any] | None:
 
 
 def table(out_dir: str, stages: list[list[str]]) -> str:
-    lines = [f"{'stage':<16}{'exit':>5}{'secs':>6}  {'status':<28}result"]
+    lines = [f"{'stage':<16}{'exit':>5}{'secs':>6}  {'status':<36}result"]
     for name, code, secs, source in stages:
         data = stage_data(out_dir, source)
         status = (data or {}).get("status", "-" if source == "-" else "nothing written")
         if code == "124" or code == "137":
             status = f"TIME BOX HIT ({status})"
-        lines.append(f"{name:<16}{code:>5}{secs:>6}  {status[:28]:<28}"
+        lines.append(f"{name:<16}{code:>5}{secs:>6}  {status:<36}"
                      f"{headline(data) if data else ''}")
     return "\n".join(lines)
 
