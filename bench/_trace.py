@@ -18,6 +18,7 @@ Its **kind** is one of attention, gemm, fused, optimizer, ema, other:
 
 from __future__ import annotations
 
+import bisect
 import importlib
 import re
 from collections import defaultdict
@@ -124,6 +125,29 @@ def _lineage(event: Any) -> tuple[list[str], str | None]:
     return names, phase
 
 
+class PhaseTimeline:
+    """The `phase:` ranges by time, to place ops run on another thread (CUDA's backward
+    runs on the autograd engine's device thread, outside the caller's ranges) in the phase
+    the caller was in meanwhile."""
+
+    def __init__(self, events: list[Any]) -> None:
+        spans = sorted((e.time_range.start, e.time_range.end, e.name[len(PHASE_PREFIX):])
+                       for e in events if e.name.startswith(PHASE_PREFIX))
+        self.starts = [s[0] for s in spans]
+        self.spans = spans
+
+    def at(self, t: float) -> str | None:
+        """The innermost range open at time t (ranges nest, so walk back to the first
+        one that is still open)."""
+        i = bisect.bisect_right(self.starts, t) - 1
+        while i >= 0:
+            start, end, name = self.spans[i]
+            if end >= t:
+                return name
+            i -= 1
+        return None
+
+
 def _add(bd: Breakdown, name: str, us: float, ancestors: list[str], phase: str | None,
          own: frozenset[str]) -> None:
     kind = classify(name, ancestors, phase, own)
@@ -137,13 +161,15 @@ def breakdown(events: list[Any], steps: int, cuda: bool) -> Breakdown:
     """Builds the Breakdown from `profiler.events()` (FunctionEvents) of `steps` steps."""
     own = sdkernel_names()
     bd = Breakdown(steps=steps, device="cuda" if cuda else "cpu")
+    events = [e for e in events
+              if not getattr(e, "is_async", False) and str(e.device_type) == "DeviceType.CPU"]
+    timeline = PhaseTimeline(events)
     for event in events:
-        if getattr(event, "is_async", False) or str(event.device_type) != "DeviceType.CPU":
-            continue
         if cuda:
             if not event.kernels:
                 continue
             ancestors, phase = _lineage(event)
+            phase = phase or timeline.at(event.time_range.start)
             ancestors = [event.name, *ancestors]
             for kernel in event.kernels:
                 _add(bd, kernel.name, float(kernel.duration), ancestors, phase, own)
@@ -152,6 +178,7 @@ def breakdown(events: list[Any], steps: int, cuda: bool) -> Breakdown:
             if us <= 0 or event.name.startswith("ProfilerStep"):
                 continue
             ancestors, phase = _lineage(event)
+            phase = phase or timeline.at(event.time_range.start)
             if event.name.startswith(PHASE_PREFIX):  # host time in a range, between its ops
                 _add(bd, f"(host, {event.name})", us, ancestors, phase, own)
             else:

@@ -88,3 +88,51 @@ def test_static_report_for_one_kernel(tmp_path) -> None:
         assert r["registers"] > 0 and r["spill_bytes"] == 0
         assert 0 < r["occupancy"] <= 1 and r["blocks_per_sm"] >= 1
         assert r["limited_by"] in {"warps", "blocks", "registers", "shared_memory"}
+
+
+class _Cpu:
+    def __str__(self) -> str:
+        return "DeviceType.CPU"
+
+
+def _event(name: str, start: float, end: float, parent=None, kernels=(), self_us=0.0):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(name=name, is_async=False, device_type=_Cpu(), cpu_parent=parent,
+                           time_range=SimpleNamespace(start=start, end=end),
+                           kernels=[SimpleNamespace(name=k, duration=d) for k, d in kernels],
+                           self_cpu_time_total=self_us)
+
+
+def test_cuda_breakdown_places_kernels_by_phase_and_kind() -> None:
+    """The CUDA path, on hand-made events: kernels counted by device time, named by kind,
+    and backward kernels launched from the autograd thread (no phase ancestor) placed in
+    the phase the caller was in at that time."""
+    from bench._trace import breakdown, sdkernel_names
+
+    fwd = _event("phase:forward", 0, 100)
+    enc = _event("phase:student_encoder", 10, 60, fwd)
+    lin = _event("aten::linear", 12, 20, enc)
+    mm = _event("aten::addmm", 13, 19, lin, kernels=[("sm90_xmma_gemm_bf16", 30.0)])
+    attn = _event("aten::_scaled_dot_product_flash_attention", 21, 30, enc,
+                  kernels=[("flash_fwd_kernel", 20.0)])
+    own = sorted(sdkernel_names())[0]
+    fused = _event("sdkernels::adaln_modulate", 31, 40, enc, kernels=[(own, 5.0)])
+    bwd = _event("phase:backward", 100, 200)
+    # autograd thread: no cpu_parent chain up to phase:backward
+    engine = _event("autograd::engine::evaluate_function: MmBackward0", 120, 130)
+    bmm = _event("aten::mm", 121, 129, engine, kernels=[("nvjet_tst_128x256", 60.0)])
+    opt = _event("phase:optimizer", 200, 220)
+    adam = _event("aten::_fused_adamw_", 201, 219, opt, kernels=[("fused_adamw_kernel", 10.0)])
+    ema = _event("phase:sampling_ema", 220, 230)
+    lerp = _event("aten::_foreach_lerp_", 221, 229, ema, kernels=[("lerp_kernel", 5.0)])
+    misc = _event("aten::add", 61, 62, fwd, kernels=[("vectorized_elementwise_kernel", 5.0)])
+    events = [fwd, enc, lin, mm, attn, fused, bwd, engine, bmm, opt, adam, ema, lerp, misc]
+    bd = breakdown(events, steps=1, cuda=True)
+    assert bd.total_us == pytest.approx(135.0)
+    assert dict(bd.by_kind) == pytest.approx({"gemm": 90.0, "attention": 20.0, "fused": 5.0,
+                                              "optimizer": 10.0, "ema": 5.0, "other": 5.0})
+    assert dict(bd.by_phase) == pytest.approx({"student_encoder": 55.0, "backward": 60.0,
+                                               "optimizer": 10.0, "sampling_ema": 5.0,
+                                               "forward": 5.0})
+    assert bd.top_kernels(1)[0]["name"] == "nvjet_tst_128x256"
