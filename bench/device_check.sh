@@ -35,8 +35,8 @@ export SDDIT_COMMIT=${SDDIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unk
 STAGE_TESTS_S=${STAGE_TESTS_S:-60}
 STAGE_KERNELS_S=${STAGE_KERNELS_S:-85}
 STAGE_STEP_S=${STAGE_STEP_S:-70}
-STAGE_COMPILE_S=${STAGE_COMPILE_S:-100}
-STAGE_TRAIN_S=${STAGE_TRAIN_S:-45}
+STAGE_COMPILE_S=${STAGE_COMPILE_S:-95}
+STAGE_TRAIN_S=${STAGE_TRAIN_S:-50}
 STEP_MODEL=${STEP_MODEL:-SD-DiT-XL/2}
 STEP_ARGS=(--model "$STEP_MODEL" --batch 32 --steps 20 --warmup 5 --profile-steps 3 --gpu-only)
 
@@ -68,7 +68,7 @@ HAS_GPU=$(timeout 60 "$PY" -c "import torch; print(int(torch.cuda.is_available()
 
 if [ "$HAS_GPU" = 1 ]; then
   XDIST=()
-  if "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n 8); fi
+  if "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n 4); fi
   stage gpu-tests "$STAGE_TESTS_S" gpu_tests.xml "$PY" -m pytest -m gpu -q -p no:cacheprovider \
     "${XDIST[@]}" tests --junitxml="$OUT/gpu_tests.xml"
 else
@@ -82,7 +82,7 @@ stage step-compiled "$STAGE_COMPILE_S" step_compiled.json "$PY" -m bench.step \
   "${STEP_ARGS[@]}" --paths compile,kernels+compile --out "$OUT/step_compiled.json"
 rm -rf /tmp/sddit-train-short
 stage train-short "$STAGE_TRAIN_S" train_short.json "$PY" -m bench.train_short --gpu-only \
-  --minutes 0.4 --run-dir /tmp/sddit-train-short --set run.progress_bar=false \
+  --minutes 0.35 --run-dir /tmp/sddit-train-short --set run.progress_bar=false \
   --out "$OUT/train_short.json"
 
 echo | tee -a "$LOG"
