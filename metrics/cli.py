@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -120,10 +121,27 @@ def _summary(record: dict) -> str:
     )
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """Numbers in range and inputs present, before any work."""
+    from train.config import UsageError
+
+    if args.samples is None:
+        if args.num < 1 or args.steps < 1:
+            raise UsageError(f"--num and --steps must be positive, got {args.num} and "
+                             f"{args.steps}")
+        if not math.isfinite(args.cfg_scale) or args.cfg_scale < 0:
+            raise UsageError(f"--cfg-scale must be a finite number >= 0, got {args.cfg_scale}")
+    source = args.samples if args.samples is not None else args.ckpt
+    if source is not None and not os.path.exists(source):
+        flag = "--samples" if args.samples is not None else "--ckpt"
+        raise UsageError(f"{flag} {source}: no such file or folder")
+
+
 def run_eval(args: argparse.Namespace) -> int:
     """Run the evaluation described by parsed arguments; 0 on success."""
     from metrics.evaluate import evaluate_images, evaluate_net
 
+    _check_args(args)
     progress = not args.no_progress
     device, launched = _init_distributed(args.device)
     rank = dist.get_rank() if dist.is_initialized() else 0

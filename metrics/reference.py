@@ -22,6 +22,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import warnings
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -93,9 +94,32 @@ def read_npz_images(path: str | os.PathLike) -> np.ndarray:
             )
         array = data[keys[0]]
     if np.issubdtype(array.dtype, np.floating):
-        array = samples_to_uint8(torch.from_numpy(array)).numpy()
+        array = _float_images_to_uint8(array, str(path))
     as_nchw_uint8(array)  # validates rank, dtype and channels
     return array
+
+
+def _float_images_to_uint8(array: np.ndarray, where: str) -> np.ndarray:
+    """Float images by their range: [-1, 1] samples are quantised like EDM; [0, 1] and
+    [0, 255] images are converted with a warning; anything else is refused (a silent clamp
+    would score garbage)."""
+    if not np.isfinite(array).all():
+        raise ValueError(f"{where}: the float images contain nan or inf")
+    lo, hi = float(array.min()), float(array.max())
+    tol = 1e-3
+    if lo >= -1 - tol and hi <= 1 + tol and lo < -tol:
+        return samples_to_uint8(torch.from_numpy(array)).numpy()
+    if lo >= -tol and hi <= 1 + tol:
+        warnings.warn(f"{where}: float images in [{lo:.3g}, {hi:.3g}] read as [0, 1] images "
+                      "and scaled to uint8 (samples in [-1, 1] would have negative values)",
+                      stacklevel=3)
+        return np.clip(np.rint(array * 255.0), 0, 255).astype(np.uint8)
+    if lo >= -tol and hi <= 255 + tol:
+        warnings.warn(f"{where}: float images in [{lo:.3g}, {hi:.3g}] read as [0, 255] pixel "
+                      "values and rounded to uint8", stacklevel=3)
+        return np.clip(np.rint(array), 0, 255).astype(np.uint8)
+    raise ValueError(f"{where}: float images span [{lo:.3g}, {hi:.3g}]; expected samples in "
+                     "[-1, 1], images in [0, 1] or pixel values in [0, 255] (or uint8)")
 
 
 def iter_array_batches(

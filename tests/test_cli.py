@@ -74,3 +74,16 @@ def test_demo_runs_end_to_end_in_seconds(tmp_path, capsys) -> None:
     assert "sample grid" in text and "FID: skipped" in text
     assert os.path.isfile(os.path.join(out, "loss_curve.png"))
     assert any(f.endswith(".png") for f in os.listdir(os.path.join(out, "samples")))
+
+
+def test_demo_is_bounded_by_steps_not_by_machine_load(tmp_path, capsys) -> None:
+    out = str(tmp_path / "demo")
+    rc = main(["demo", "--steps", "3", "--fid-samples", "0", "--grid-cfg-scale", "1",
+               "--out", out, "--device", "cpu", *SMALL,
+               *_sets("schedule.sample_steps=2", "schedule.sample_per_class=1",
+                      "schedule.batch_size=8", "run.progress_bar=false")])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "3 steps, stopped by total_steps" in text
+    assert main(["demo", "--steps", "0"]) == 2
+    assert "--steps must be a positive integer" in capsys.readouterr().err

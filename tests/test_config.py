@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from train.config import ConfigError, load_config, parse_override, save_resolved
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
+CONFIG = os.path.join(CONFIG_DIR, "tiny.toml")
 
 
 def test_set_values_are_toml_literals() -> None:
@@ -96,3 +98,27 @@ def test_every_preset_loads_and_names_a_model() -> None:
     assert {c.model.name for c in paper} >= {f"{m}-{s}/2" for m in ("SD-DiT", "DiT", "MaskDiT")
                                              for s in ("S", "B", "XL")}
     assert all(c.schedule.batch_size == 256 for c in paper)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.overrides={mask_ratio=1.0}", "mask_ratio must be in"),
+    ("model.name='SD-DiT-Q/3'", "unknown model name"),
+    ("optim.lr=nan", "optim.lr must be a finite number"),
+    ("optim.lr=inf", "optim.lr must be a finite number"),
+    ("optim.betas=[0.9, 1.0]", r"optim.betas\[1\] must be in \[0, 1\)"),
+    ("optim.eps=0", "optim.eps must be positive"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay must be >= 0"),
+    ("schedule.sample_per_class=0", "schedule.sample_per_class must be positive"),
+    ("schedule.max_minutes=inf", "schedule.max_minutes must be a finite number"),
+    ("data.num_workers=-1", "data.num_workers must be an int >= 0"),
+    ("data.source='image-folder'", "data.path is required"),
+    ("ema.decay=1.0", r"ema.decay must be in \[0, 1\)"),
+    ("run.device='tpu'", "run.device must be"),
+])
+def test_every_field_is_checked_before_any_work(override, message, capsys) -> None:
+    from train.cli import main
+
+    assert main(["train", "--config", CONFIG, "--set", override]) == 2
+    err = capsys.readouterr().err
+    assert "config error:" in err and "Traceback" not in err
+    assert re.search(message, err), err

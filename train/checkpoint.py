@@ -46,6 +46,10 @@ class CorruptCheckpointError(ValueError):
         self.path, self.reason = path, reason
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (full disk, permissions); nothing was replaced."""
+
+
 def checkpoint_path(run_dir: str, step: int) -> str:
     return os.path.join(run_dir, f"ckpt-{step:08d}.pt")
 
@@ -160,7 +164,12 @@ def save_checkpoint(run_dir: str, step: int, payload: dict[str, Any], keep_last:
     """Writes ckpt-<step>.pt atomically, then prunes older checkpoints so that `keep_last`
     remain, counting the new one. Newer files (another timeline) are never touched."""
     path = checkpoint_path(run_dir, step)
-    atomic_save({"format": FORMAT_VERSION, "step": step, **payload}, path)
+    try:
+        atomic_save({"format": FORMAT_VERSION, "step": step, **payload}, path)
+    except OSError as exc:
+        raise CheckpointWriteError(
+            exc.errno, f"could not write checkpoint {path} ({exc}); the earlier checkpoints "
+            f"in {run_dir} are untouched") from exc
     older = [p for s, p in list_checkpoints(run_dir) if s < step]
     for old in older[: max(len(older) - (keep_last - 1), 0)]:
         for victim in (old, checksum_path(old)):

@@ -39,6 +39,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from train.checkpoint import CheckpointWriteError
     from train.config import load_config
     from train.distributed import shutdown_distributed
     from train.loop import NonFiniteLossError, TrainingInterrupted, train
@@ -50,7 +51,7 @@ def run_train(args: argparse.Namespace) -> int:
     except TrainingInterrupted as exc:
         print(f"sddit train: {exc}", file=sys.stderr)
         return 128 + exc.signum
-    except NonFiniteLossError as exc:
+    except (NonFiniteLossError, CheckpointWriteError) as exc:
         print(f"sddit train: {exc}", file=sys.stderr)
         return 1
     finally:
@@ -105,13 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from train.checkpoint import CorruptCheckpointError
-    from train.config import ConfigError
+    from train.config import ConfigError, UsageError
 
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:
-        print(f"sddit {args.command}: config error: {exc}", file=sys.stderr)
+        kind = "error" if isinstance(exc, UsageError) else "config error"
+        print(f"sddit {args.command}: {kind}: {exc}", file=sys.stderr)
         return 2
     except CorruptCheckpointError as exc:
         print(f"sddit {args.command}: bad checkpoint: {exc}", file=sys.stderr)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tomllib
 import types
@@ -94,6 +95,10 @@ class Config:
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the dataclasses."""
+
+
+class UsageError(ConfigError):
+    """A command-line argument out of its range (the CLI exits 2 with the message)."""
 
 
 # ----------------------------------------------------------------------------- reading
@@ -246,36 +251,84 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     return from_dict(apply_overrides(table, overrides or []))
 
 
-def validate(cfg: Config) -> None:
-    s = cfg.schedule
-    positive = {
-        "schedule.batch_size": s.batch_size,
-        "schedule.total_steps": s.total_steps,
-        "schedule.log_every": s.log_every,
-        "schedule.keep_last": s.keep_last,
-        "schedule.sample_steps": s.sample_steps,
-    }
-    for key, value in positive.items():
+def _non_finite_fields(node: Any, where: str = "") -> list[str]:
+    """Dotted names of float fields holding nan or inf, anywhere in the config."""
+    found = []
+    for f in dataclasses.fields(node):
+        value, name = getattr(node, f.name), f"{where}{f.name}"
+        if dataclasses.is_dataclass(value):
+            found += _non_finite_fields(value, name + ".")
+        values = value if isinstance(value, tuple) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            found.append(name)
+    return found
+
+
+def _check_ranges(cfg: Config) -> None:
+    s, o, e = cfg.schedule, cfg.optim, cfg.ema
+    for key, value in {
+        "schedule.batch_size": s.batch_size, "schedule.total_steps": s.total_steps,
+        "schedule.log_every": s.log_every, "schedule.keep_last": s.keep_last,
+        "schedule.sample_steps": s.sample_steps, "schedule.sample_per_class": s.sample_per_class,
+        "optim.lr": o.lr, "optim.eps": o.eps,
+        "optim.max_consecutive_nonfinite": o.max_consecutive_nonfinite,
+    }.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
     for key, value in {
-        "schedule.ckpt_every": s.ckpt_every,
-        "schedule.sample_every": s.sample_every,
-        "schedule.max_minutes": s.max_minutes,
-        "optim.warmup_steps": cfg.optim.warmup_steps,
-        "optim.grad_clip": cfg.optim.grad_clip,
-        "ema.rampup_ratio": cfg.ema.rampup_ratio,
+        "schedule.ckpt_every": s.ckpt_every, "schedule.sample_every": s.sample_every,
+        "schedule.max_minutes": s.max_minutes, "optim.warmup_steps": o.warmup_steps,
+        "optim.grad_clip": o.grad_clip, "optim.weight_decay": o.weight_decay,
+        "ema.rampup_ratio": e.rampup_ratio, "run.seed": cfg.run.seed,
     }.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
-    if cfg.optim.lr <= 0:
-        raise ConfigError(f"optim.lr must be positive, got {cfg.optim.lr}")
-    if not 0.0 <= cfg.ema.decay < 1.0:
-        raise ConfigError(f"ema.decay must be in [0, 1), got {cfg.ema.decay}")
-    if cfg.ema.decay == 0.0 and cfg.ema.half_life_kimg <= 0:
+    for i, beta in enumerate(o.betas):
+        if not 0.0 <= beta < 1.0:
+            raise ConfigError(f"optim.betas[{i}] must be in [0, 1), got {beta}")
+    if not 0.0 <= e.decay < 1.0:
+        raise ConfigError(f"ema.decay must be in [0, 1), got {e.decay}")
+    if e.decay == 0.0 and e.half_life_kimg <= 0:
         raise ConfigError("ema.half_life_kimg must be positive when ema.decay is 0")
-    if cfg.optim.max_consecutive_nonfinite <= 0:
-        raise ConfigError("optim.max_consecutive_nonfinite must be positive")
+    if cfg.run.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"run.device must be 'auto', 'cpu' or 'cuda', got {cfg.run.device!r}")
+    if not cfg.run.dir:
+        raise ConfigError("run.dir must name a folder")
+
+
+def _check_model(cfg: Config) -> None:
+    """The model name and overrides, as model.build will see them (the data's shape is
+    added at build time)."""
+    import model
+
+    overrides = dict(cfg.model.overrides)
+    overrides.pop("use_kernels", None)  # refused later with its own message
+    try:
+        model.make_config(cfg.model.name, **overrides)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ConfigError(f"model ({cfg.model.name!r} with overrides {overrides}): {exc}"
+                          ) from None
+
+
+def validate(cfg: Config) -> None:
+    """Every field, before any work: a ConfigError names the first bad one."""
+    bad = _non_finite_fields(cfg)
+    if bad:
+        raise ConfigError(f"{bad[0]} must be a finite number, got "
+                          f"{_get(cfg, bad[0])!r}")
+    _check_ranges(cfg)
+    try:
+        cfg.data.validate(check_paths=False)  # train() checks the path before any work
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    _check_model(cfg)
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
 
 
 def save_resolved(cfg: Config, run_dir: str) -> str:

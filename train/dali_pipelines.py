@@ -130,6 +130,16 @@ class _DaliBatches(SourceBase):
     def _explain(self, exc: Exception) -> Exception:
         return exc
 
+    def close(self) -> None:
+        """Ends the pipeline's life now (its threads and buffers), not whenever the garbage
+        collector gets to it; the next epoch builds a new one."""
+        iterator, self._iterator = self._iterator, None
+        self._finished_epoch = False
+        if iterator is not None:
+            for pipe in getattr(iterator, "_pipes", []):
+                pipe._shutdown()
+            del iterator
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 

@@ -21,6 +21,7 @@ unreadable ones are left out of the epoch, counted and listed in `BatchSource.sk
 from __future__ import annotations
 
 import io
+import multiprocessing
 import os
 import warnings
 from collections.abc import Iterator, Sequence
@@ -48,7 +49,9 @@ class DataConfig:
     on_corrupt: str = "error"  # "error" | "skip"
     latent_scale: float | None = None  # None: the index's recorded scale
 
-    def validate(self) -> None:
+    def validate(self, check_paths: bool = True) -> None:
+        """Values always; whether data.path exists only with check_paths (a config can be
+        read and checked on a machine that does not hold its data)."""
         if self.source not in SOURCES:
             raise ValueError(f"data.source must be one of {SOURCES}, got {self.source!r}")
         if self.backend not in BACKENDS:
@@ -63,7 +66,7 @@ class DataConfig:
             raise ValueError(f"data.latent_scale must be > 0 or None, got {self.latent_scale!r}")
         if self.source != "animal-mnist" and not self.path:
             raise ValueError(f"data.path is required for data.source={self.source!r}")
-        if self.source != "animal-mnist" and not os.path.isdir(self.path):
+        if check_paths and self.source != "animal-mnist" and not os.path.isdir(self.path):
             raise FileNotFoundError(f"data.path {self.path!r} is not a directory")
 
 
@@ -292,6 +295,9 @@ class SourceBase:
     def __len__(self) -> int:
         return self.sampler.steps_per_epoch
 
+    def close(self) -> None:
+        """Releases worker processes or pipelines (a source without any has nothing to do)."""
+
     def _finish(self, x: torch.Tensor, y: torch.Tensor, step: int
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """x: uint8 pixels, float [-1, 1] pixels or latent moments; -> model range on device."""
@@ -340,20 +346,42 @@ class _EpochBatchSampler(torch.utils.data.Sampler):
             yield list(zip(step_indices.tolist(), step_flips.tolist(), strict=True))
 
 
+# Worker processes start from a clean forkserver, never by forking this process: a forked
+# worker inherits whatever the parent holds (a live DALI pipeline, CUDA state, other
+# threads' locks) without the threads that own it, and the first garbage collection in
+# the worker can then block for ever (seen: DALI's Pipeline.__del__ in a worker, a hung
+# test suite). Workers persist across epochs, so the start-up cost (importing torch) is
+# paid once per source; close() stops them.
+WORKER_START_METHOD = "forkserver"
+
+
 class LoaderBatches(SourceBase):
     """A map-style dataset read through a torch DataLoader driven by the epoch sampler."""
 
     def __init__(self, dataset: torch.utils.data.Dataset, sampler: EpochSampler, *,
                  num_workers: int, **kwargs):
         super().__init__(sampler, **kwargs)
+        workers = {}
+        if num_workers > 0:
+            context = multiprocessing.get_context(WORKER_START_METHOD)
+            # The server imports this module (torch, numpy, PIL) once; each worker is then
+            # a cheap fork of that clean process. Takes effect when the server first starts.
+            context.set_forkserver_preload([__name__])
+            workers = dict(multiprocessing_context=context, persistent_workers=True)
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=_EpochBatchSampler(self), num_workers=num_workers,
-            pin_memory=torch.device(self.device).type == "cuda",
-            persistent_workers=False)  # persistent ones hang 5 s per worker at exit (torch#81794)
+            pin_memory=torch.device(self.device).type == "cuda", **workers)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for step, (x, y) in enumerate(self.loader, start=self.start_step):
             yield self._finish(x, y, step)
+
+    def close(self) -> None:
+        """Stops the persistent workers now rather than at interpreter exit."""
+        iterator = getattr(self.loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self.loader._iterator = None
 
 
 def _choose_backend(cfg: DataConfig) -> str:

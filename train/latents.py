@@ -50,12 +50,7 @@ class LatentShards:
         self.moment_shape = tuple(index["moment_shape"])  # (2C, h, w)
         self.moments, self.moments_flip, labels = [], [], []
         for shard in index["shards"]:
-            moments = self._load(shard["moments"])
-            flipped = self._load(shard["moments_flip"])
-            shard_labels = self._load(shard["labels"])
-            if (moments.shape != flipped.shape or moments.shape[1:] != self.moment_shape
-                    or len(shard_labels) != len(moments) or len(moments) != shard["count"]):
-                raise ValueError(f"{index_path}: shard {shard['moments']} does not match the index")
+            moments, flipped, shard_labels = self._load_shard(shard, index_path)
             self.moments.append(moments)
             self.moments_flip.append(flipped)
             labels.append(np.asarray(shard_labels, dtype=np.int64))
@@ -64,6 +59,33 @@ class LatentShards:
             raise ValueError(f"{index_path}: shards hold {len(self.labels)} samples, "
                              f"index says {index['count']}")
         self.starts = np.cumsum([0] + [len(m) for m in self.moments])
+
+    def _load_shard(self, shard: dict, index_path: str
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One shard's arrays, checked against the index; errors name the shard's file."""
+        moments = self._load(shard["moments"])
+        flipped = self._load(shard["moments_flip"])
+        shard_labels = self._load(shard["labels"])
+        where = os.path.join(self.root, shard["moments"])
+        if (moments.shape != flipped.shape or moments.shape[1:] != self.moment_shape
+                or len(shard_labels) != len(moments) or len(moments) != shard["count"]):
+            raise ValueError(f"{index_path}: shard {where} does not match the index "
+                             f"(moments {moments.shape}, flipped {flipped.shape}, "
+                             f"{len(shard_labels)} labels, index count {shard['count']})")
+        for name, array in ((shard["moments"], moments), (shard["moments_flip"], flipped)):
+            if not np.issubdtype(array.dtype, np.floating):
+                raise ValueError(f"latent shard {os.path.join(self.root, name)}: moments must "
+                                 f"be float16 or float32, got {array.dtype}")
+        label_path = os.path.join(self.root, shard["labels"])
+        if not np.issubdtype(shard_labels.dtype, np.integer):
+            raise ValueError(f"latent shard {label_path}: labels must be integers, got "
+                             f"{shard_labels.dtype}")
+        if len(shard_labels) and (shard_labels.min() < 0
+                                  or shard_labels.max() >= len(self.class_names)):
+            raise ValueError(f"latent shard {label_path}: labels must be in [0, "
+                             f"{len(self.class_names)}) for the index's classes, found "
+                             f"[{shard_labels.min()}, {shard_labels.max()}]")
+        return moments, flipped, shard_labels
 
     def _load(self, name: str) -> np.ndarray:
         path = os.path.join(self.root, name)

@@ -119,6 +119,7 @@ class Session:
     logger: MetricsLogger
     telemetry: GpuTelemetry
     notes: list[str]
+    owns_batches: bool  # built here (so closed here), not handed in by the caller
 
 
 @dataclass
@@ -181,6 +182,7 @@ def _set_up(cfg: Config, info: D.DistInfo, net: nn.Module | None, batches,
     device = info.device
     local_batch = cfg.schedule.batch_size // info.world_size
     logger = MetricsLogger(cfg.run.dir, enabled=info.is_main, tensorboard=cfg.run.tensorboard)
+    owns_batches = batches is None
     if batches is None:
         from train.data import build_batches
 
@@ -211,7 +213,8 @@ def _set_up(cfg: Config, info: D.DistInfo, net: nn.Module | None, batches,
     telemetry = GpuTelemetry(device)
     notes = notes + logger.notes + ([telemetry.note] if telemetry.note else [])
     return Session(cfg, info, batches, net, ema, optimizer, step_fn,
-                   {"name": cfg.model.name, "overrides": overrides}, logger, telemetry, notes)
+                   {"name": cfg.model.name, "overrides": overrides}, logger, telemetry, notes,
+                   owns_batches)
 
 
 def _restore(s: Session, state: dict | None) -> Progress:
@@ -228,14 +231,25 @@ def _restore(s: Session, state: dict | None) -> Progress:
                             epoch=state["data"]["epoch"], position=state["data"]["position"],
                             last_saved=state["step"])
         rng_states = state["rng"]
-    seed_everything(rank_seed(cfg.run.seed, info.rank))
-    if rng_states is not None and len(rng_states) == info.world_size:
-        ckpt.restore_rng_state(rng_states[info.rank])
-    elif rng_states is not None:  # another world size: fresh, distinct streams per rank
-        seed_everything(rank_seed(cfg.run.seed + 7_919 * progress.step, info.rank))
-        s.notes.append(f"resuming {len(rng_states)}-rank RNG states on {info.world_size} "
-                       "ranks: each rank gets its own new stream (not bit-exact)")
+    s.notes.extend(restore_rng(rng_states, cfg.run.seed, progress.step, info.rank,
+                               info.world_size))
     return progress
+
+
+def restore_rng(rng_states: list | None, seed: int, step: int, rank: int, world_size: int
+                ) -> list[str]:
+    """Puts this rank's generators where the checkpoint left them. Saved by another number
+    of ranks, they cannot be: each rank then gets a new stream of its own (derived from the
+    seed, the step and the rank), never a copy of another rank's."""
+    seed_everything(rank_seed(seed, rank))
+    if rng_states is None:
+        return []
+    if len(rng_states) == world_size:
+        ckpt.restore_rng_state(rng_states[rank])
+        return []
+    seed_everything(rank_seed(seed + 7_919 * (step + 1), rank))
+    return [f"resuming {len(rng_states)}-rank RNG states on {world_size} ranks: each rank "
+            "gets its own new stream (not bit-exact)"]
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -369,6 +383,11 @@ def train(cfg: Config, *, resume: bool | str = False, stop_after: int | None = N
     schedules still plan for total_steps). `net` and `batches` replace the configured model
     and data (embedding, tests). Raises ConfigError before any work when the run folder or
     the config does not allow the start asked for (train/resume.py)."""
+    if batches is None:
+        try:
+            cfg.data.validate()
+        except FileNotFoundError as exc:
+            raise ConfigError(str(exc)) from None
     info = D.init_distributed(cfg.run.device)
     if cfg.schedule.batch_size % info.world_size:
         raise ConfigError(f"schedule.batch_size {cfg.schedule.batch_size} is not divisible "
@@ -383,13 +402,17 @@ def train(cfg: Config, *, resume: bool | str = False, stop_after: int | None = N
     progress.last_ckpt = plan.path
     del state
     _announce(s, progress, plan.path)
-    with StopSignals() as signals:
-        try:
-            _run_steps(s, progress, stop_after, signals)
-        except BaseException:
-            s.logger.close()
-            raise
-    return _shut_down(s, progress, signals)
+    try:
+        with StopSignals() as signals:
+            try:
+                _run_steps(s, progress, stop_after, signals)
+            except BaseException:
+                s.logger.close()
+                raise
+        return _shut_down(s, progress, signals)
+    finally:
+        if s.owns_batches:  # workers and pipelines end with the run, not at exit
+            s.batches.close()
 
 
 def _announce(s: Session, p: Progress, resumed_from: str | None) -> None:

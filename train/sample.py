@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
 import numpy as np
 import torch
 from torch import nn
 
+from train.config import UsageError
 from train.logging_utils import save_image_grid, to_uint8_images
 
 
@@ -66,19 +68,32 @@ def add_sample_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
 
 
+def check_sample_args(args: argparse.Namespace) -> None:
+    """Before any work: every number in range, the checkpoint path there."""
+    for name in ("num", "steps", "batch"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    if not math.isfinite(args.cfg_scale) or args.cfg_scale < 0:
+        raise UsageError(f"--cfg-scale must be a finite number >= 0 (1 = no guidance), got "
+                         f"{args.cfg_scale}")
+    if args.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {args.seed}")
+    if not os.path.exists(args.ckpt):
+        raise UsageError(f"--ckpt {args.ckpt}: no such checkpoint file or run folder")
+
+
 def run_sample(args: argparse.Namespace) -> int:
     from train.checkpoint import load_sampling_model
     from train.distributed import resolve_device
 
-    if args.num < 1 or args.steps < 1 or args.batch < 1:
-        raise SystemExit("--num, --steps and --batch must be positive")
+    check_sample_args(args)
     device = resolve_device(args.device)
     net, meta = load_sampling_model(args.ckpt, device)
     num_classes = int(net.config.num_classes)
     classes = args.classes if args.classes else list(range(num_classes))
     bad = [c for c in classes if not 0 <= c < num_classes]
     if bad:
-        raise SystemExit(f"--classes {bad} out of range for {num_classes} classes")
+        raise UsageError(f"--classes {bad} out of range for {num_classes} classes")
     labels = [classes[i % len(classes)] for i in range(args.num)]
     seeds = [args.seed + i for i in range(args.num)]
     images = generate(net, labels, seeds, num_steps=args.steps, cfg_scale=args.cfg_scale,
