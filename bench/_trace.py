@@ -12,7 +12,8 @@ Its **kind** is one of attention, gemm, fused, optimizer, ema, other:
 - attention: SDPA / flash / memory-efficient / cuDNN attention ops and kernels;
 - gemm: matmuls, linear layers, convolutions, cuBLAS/CUTLASS kernels;
 - fused: this project's Triton kernels (sdkernels), Inductor-generated kernels
-  (`triton_*` on CUDA, `cpp_fused_*` on CPU);
+  (`triton_*` on CUDA; on CPU the self time of Inductor's compiled graphs, whose fused C++
+  loops record no op events of their own);
 - other: the rest (elementwise ops, norms, copies, host overhead inside ranges).
 """
 
@@ -36,6 +37,8 @@ _GEMM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::mat
 _GEMM_KERNELS = re.compile(r"gemm|cutlass|xmma|nvjet|cublas|sm\d+_.*(mma|gmma)|wgmma|"
                            r"implicit_convolve|conv2d", re.I)
 _FUSED_KERNELS = re.compile(r"^triton_|^cpp_fused|sdkernels", re.I)
+# On CPU, Inductor's generated C++ runs inside this range without op events of its own.
+_INDUCTOR_GRAPH = re.compile(r"^## Call CompiledFxGraph")
 _SDKERNEL_MODULES = ("sdkernels.adaln", "sdkernels.tokens", "sdkernels.edm")
 
 
@@ -66,7 +69,8 @@ def classify(name: str, ancestors: list[str], phase: str | None,
         return "attention"
     if any(n in _GEMM_OPS for n in chain) or _GEMM_KERNELS.search(name):
         return "gemm"
-    if name in own_kernels or any(_FUSED_KERNELS.search(n) for n in chain):
+    if (name in own_kernels or _INDUCTOR_GRAPH.search(name)
+            or any(_FUSED_KERNELS.search(n) for n in chain)):
         return "fused"
     return "other"
 

@@ -136,3 +136,19 @@ def test_cuda_breakdown_places_kernels_by_phase_and_kind() -> None:
                                                "optimizer": 10.0, "sampling_ema": 5.0,
                                                "forward": 5.0})
     assert bd.top_kernels(1)[0]["name"] == "nvjet_tst_128x256"
+
+
+@pytest.mark.parametrize("name, ancestors, phase, kind", [
+    ("## Call CompiledFxGraph f00 ##", ["CompiledFunction"], "forward", "fused"),  # CPU Inductor
+    ("triton_per_fused_native_layer_norm_0", [], "forward", "fused"),  # CUDA Inductor
+    ("aten::mm", ["## Call CompiledFxGraph f00 ##"], "forward", "gemm"),
+    ("aten::copy_", ["aten::linear"], "forward", "gemm"),  # part of a linear layer
+    ("aten::_scaled_dot_product_flash_attention_for_cpu_backward", [], "backward", "attention"),
+    ("aten::mm", [], "optimizer", "optimizer"),  # the phase wins
+    ("aten::_foreach_lerp_", [], "teacher_ema", "ema"),
+    ("aten::gelu", [], "forward", "other"),
+])
+def test_classify(name: str, ancestors: list[str], phase: str, kind: str) -> None:
+    from bench._trace import classify
+
+    assert classify(name, ancestors, phase, frozenset()) == kind
