@@ -84,3 +84,21 @@ def test_bad_arguments_fail_before_any_work(argv: list[str], message: str, tmp_p
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
     assert not out.exists()
+
+
+def test_plugs_into_a_command_line_and_the_group_takes_new_entries(monkeypatch) -> None:
+    """As the sddit command line wires it: add_*_parser on its subparsers, run_* as func;
+    a new `sddit bench` subcommand is one BENCH_COMMANDS entry."""
+    import argparse
+
+    monkeypatch.setitem(cli.BENCH_COMMANDS, "step-again",
+                        ("bench.step", "add_step_arguments", "run_step", "the same, twice"))
+    parser = argparse.ArgumentParser(prog="sddit")
+    sub = parser.add_subparsers(dest="command", required=True)
+    cli.add_bench_parser(sub).set_defaults(func=cli.run_bench)
+    cli.add_profile_parser(sub).set_defaults(func=cli.run_profile)
+    for name in ("step", "step-again"):
+        args = parser.parse_args(["bench", name, "--model", "SD-DiT-XL/2", "--device", "cpu"])
+        assert args.func(args) == 2  # XL on CPU: refused before any work
+    args = parser.parse_args(["profile", "--model", "SD-DiT-XL/2", "--device", "nope"])
+    assert args.func(args) == 2
