@@ -158,29 +158,17 @@ def _nvtx_record_function(name: str) -> Iterator[None]:
 # ----------------------------------------------------------------------------- the run
 
 
-def data_source(net: torch.nn.Module, batch: int, device: torch.device, seed: int):
-    """train.data's TensorBatches over 8 batches of random samples of the model's shape."""
-    from train.data import EpochSampler, TensorBatches
-
-    c = net.config
-    g = torch.Generator().manual_seed(seed)
-    n = 8 * batch
-    x = torch.randn(n, c.in_channels, c.input_size, c.input_size, generator=g)
-    y = torch.randint(0, c.num_classes, (n,), generator=g)
-    return TensorBatches(x, y, EpochSampler(n, batch, seed=seed), c.num_classes, device)
-
-
 def profile_run(args: argparse.Namespace, device: torch.device) -> tuple[Any, Any]:
     """(the Breakdown of the active steps, the profiler) after warm-up + steps."""
     from torch.profiler import ProfilerActivity, profile, schedule
 
     from bench._trace import breakdown
-    from bench.step import build_rig
+    from bench.step import batch_source, build_rig
     from train.loop import DataStream
 
     cuda = device.type == "cuda"
     rig = build_rig(args.model, args.path, args.batch, device, args.seed)
-    stream = DataStream(data_source(rig.net, args.batch, device, args.seed))
+    stream = DataStream(batch_source(rig.net, args.batch, device, args.seed, num_batches=8))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     sched = schedule(wait=0, warmup=args.warmup, active=args.steps, repeat=1)
     from tqdm.auto import tqdm

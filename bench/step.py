@@ -5,10 +5,10 @@
     python -m bench.step --paths eager,kernels --out bench-out/step.json
 
 What is timed is `train.step.TrainStep`, the loop's own step: forward (loss module under
-autocast), backward, global grad norm with clipping, the finite check, fused AdamW, SD-DiT's
+autocast), backward, global grad norm with clipping, the finite check, the optimizer, SD-DiT's
 teacher momentum and the sampling EMA, preceded by the loop's `net.set_progress` call. It is
-built as `train/loop.py` builds it (model, SamplingEMA, optimizer from the default optim
-config, a one-process DistInfo, the run's autocast) directly on the device.
+built by the loop's own set-up (`train.loop._set_up`, default config: optimizer, wrappers,
+compile, autocast), for one process, with the model built directly on the device.
 
 Paths, in one process (each on a fresh model with the same seed):
 - `eager`: the plain-torch model;
@@ -34,8 +34,10 @@ from __future__ import annotations
 
 import argparse
 import resource
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -73,38 +75,50 @@ class Rig:
 
 def build_rig(name: str, path: str, batch: int, device: torch.device, seed: int = 0,
               overrides: dict[str, Any] | None = None) -> Rig:
-    """The loop's TrainStep for `name` on `device` (built there, not on the CPU)."""
+    """The loop's own set-up (`train.loop._set_up`: sampling EMA, wrappers, compile,
+    optimizer, TrainStep, autocast) for `name`, with the model built on `device` and a
+    device-resident batch of its shape."""
     import model
     from sdkernels._runtime import current_backend
     from train import distributed as D
     from train.config import Config
-    from train.ema import SamplingEMA
-    from train.loop import autocast_context
-    from train.optim import build_optimizer
-    from train.step import StepSettings, TrainStep
+    from train.loop import _set_up
 
     use_kernels, compiled = PATH_FLAGS[path]
     cfg = Config()
+    cfg.model.name, cfg.schedule.batch_size, cfg.run.seed = name, batch, seed
+    cfg.run.device, cfg.run.compile = device.type, compiled
+    cfg.run.use_kernels = "on" if use_kernels else "off"
+    cfg.run.dir = tempfile.mkdtemp(prefix="sddit-bench-step-")  # the loop's metrics file
+    cfg.run.tensorboard = cfg.run.progress_bar = False
+    if compiled:
+        torch._dynamo.reset()  # no guards or caches carried over from another path
     torch.manual_seed(seed)
     with device:
         net = model.build(name, use_kernels=use_kernels, **(overrides or {})).to(device)
-        ema = SamplingEMA(net)
+    batches = batch_source(net, batch, device, seed)
     info = D.DistInfo(rank=0, world_size=1, local_rank=0, device=device)
-    loss_module = D.wrap_for_training(net, info, "ddp")
-    if compiled:
-        torch._dynamo.reset()
-        loss_module.compile(dynamic=False)
-    optimizer = build_optimizer([p for p in net.parameters() if p.requires_grad], cfg.optim,
-                                device)
-    step_fn = TrainStep(net, loss_module, optimizer, ema, info,
-                        StepSettings(cfg.optim.grad_clip, batch), autocast_context(cfg, device))
-    c = net.config
-    x = torch.randn(batch, c.in_channels, c.input_size, c.input_size, device=device)
-    y = torch.randint(0, c.num_classes, (batch,), device=device)
+    session = _set_up(cfg, info, net, batches, [])
+    session.logger.close()
+    shutil.rmtree(cfg.run.dir, ignore_errors=True)
+    x, y = next(iter(batches))
     backend = current_backend(x) if use_kernels else "none"
     if backend == "triton" and device.type == "cpu":
         backend = "triton (interpreter)"
-    return Rig(net, step_fn, x, y, device, backend)
+    return Rig(net, session.step_fn, x, y, device, backend)
+
+
+def batch_source(net: torch.nn.Module, batch: int, device: torch.device, seed: int,
+                 num_batches: int = 1):
+    """train.data's TensorBatches (the in-memory data path, shuffle and flips included)
+    over `num_batches` batches of random samples of the model's input shape, on device."""
+    from train.data import EpochSampler, TensorBatches
+
+    c, n = net.config, num_batches * batch
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c.in_channels, c.input_size, c.input_size, generator=g)
+    y = torch.randint(0, c.num_classes, (n,), generator=g)
+    return TensorBatches(x, y, EpochSampler(n, batch, seed=seed), c.num_classes, device)
 
 
 def _sync(device: torch.device) -> None:
