@@ -49,7 +49,7 @@ stage train-step "$STAGE_STEP_S" "$PY" -m bench.train_step --model "$TRAIN_MODEL
   --steps 10 --warmup 3 --out "$OUT/train_step.json"
 # A short real run of the trainer (tiny preset, GPU): its JSONL has images/s and telemetry.
 rm -rf /tmp/sddit-train
-stage train-tiny "$STAGE_TRAIN_S" "$PY" -m train.cli train --config configs/tiny.toml \
+stage train-tiny "$STAGE_TRAIN_S" "$PY" -m sddit train --config configs/tiny.toml \
   --set 'run.dir="/tmp/sddit-train"' --set schedule.total_steps=300 --set schedule.max_minutes=0.5
 cp /tmp/sddit-train/metrics.jsonl "$OUT/train_tiny_metrics.jsonl" 2>/dev/null || true
 
