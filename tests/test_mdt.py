@@ -249,10 +249,9 @@ def test_analytic_flops_count_both_passes_and_the_side_interpolater() -> None:
 # ----------------------------------------------------------------------------- end to end
 def test_tiny_mdt_trains_samples_and_is_scored(tmp_path) -> None:
     import metrics
-    from metrics import cli as eval_cli
+    from sddit.cli import main as sddit
     from tests.test_train import small_batches, tiny_config
     from train import checkpoint as ckpt
-    from train.cli import main as sddit
     from train.loop import train
 
     cfg = tiny_config(tmp_path / "run", 'model.name="MDT-tiny"',
@@ -277,7 +276,7 @@ def test_tiny_mdt_trains_samples_and_is_scored(tmp_path) -> None:
     ref = tmp_path / "ref.npz"
     metrics.save_reference(ref, metrics.Reference(mu, sigma, feats, {"dataset": "random"}))
     record_path = tmp_path / "eval" / "record.json"
-    assert eval_cli.main(["--ckpt", str(tmp_path / "run"), "--num", "6", "--steps", "1",
+    assert sddit(["eval", "--ckpt", str(tmp_path / "run"), "--num", "6", "--steps", "1",
                           "--batch-size", "3", "--ref", str(ref), "--out", str(record_path),
                           "--fid-method", "features", "--device", "cpu", "--no-progress"]) == 0
     record = json.loads(record_path.read_text())
