@@ -14,8 +14,10 @@ and, on CUDA, as NVTX ranges for Nsight Systems:
 - inside the forward, attached from outside the model (forward hooks on its submodules and
   wrappers around the functions model/methods.py calls, all removed afterwards): noise
   (EDM preconditioning), embed (patch, time and label embedders), mask (keep ids, gather),
-  student_encoder, decoder (scatter, decoder blocks, final layer), teacher, heads (student
-  head), losses (EDM, MAE, self-distillation, centre). What is left is "forward".
+  student_encoder, decoder (scatter, decoder blocks, final layer), side_interpolater (MDT),
+  teacher, heads (student head), losses (EDM, MAE, self-distillation, centre). What is left
+  is "forward". Each method's own parts are marked (DiT has no teacher or heads; MDT runs
+  its passes through the same ranges).
 
 Writes into `--out-dir`: `trace.json` (Chrome / Perfetto: open in ui.perfetto.dev),
 `tensorboard/` (a TensorBoard profile: `tensorboard --logdir .../tensorboard` with the
@@ -52,8 +54,8 @@ from torch.profiler import record_function
 from bench._harness import environment, write_json
 
 PHASE_ORDER = ("data", "noise", "embed", "mask", "student_encoder", "teacher", "heads",
-               "decoder", "losses", "forward", "backward", "grad_norm", "optimizer",
-               "teacher_ema", "sampling_ema", "outside phases")
+               "decoder", "side_interpolater", "losses", "forward", "backward", "grad_norm",
+               "optimizer", "teacher_ema", "sampling_ema", "outside phases")
 # Functions model/methods.py calls, wrapped (in that module's namespace only) in a range.
 _WRAPPED = {"precondition": "noise", "random_keep_ids": "mask", "gather_tokens": "mask",
             "edm_loss": "losses", "mae_loss": "losses", "self_distillation_loss": "losses",
@@ -95,6 +97,13 @@ def _ranged(fn: Callable, name: str, nvtx: bool) -> Callable:
     return wrapper
 
 
+def _encoder_blocks(bb: torch.nn.Module) -> list[torch.nn.Module]:
+    """The student encoder's blocks in call order (DiT backbone, or MDT's two halves)."""
+    if hasattr(bb, "encoder"):
+        return list(bb.encoder)
+    return [*getattr(bb, "en_inblocks", []), *getattr(bb, "en_outblocks", [])]
+
+
 def _span_hooks(net: torch.nn.Module, nvtx: bool) -> list[tuple[torch.nn.Module, str, Span]]:
     """(module, 'pre' | 'post', span.open/close) pairs marking each sub-phase."""
     bb, marks = net.backbone, []
@@ -105,17 +114,20 @@ def _span_hooks(net: torch.nn.Module, nvtx: bool) -> list[tuple[torch.nn.Module,
             marks.extend([(module, "pre", span.open), (module, "post", span.close)])
 
     for part in ("x_embedder", "t_embedder", "y_embedder"):
-        around(getattr(bb, part), "embed")
-    around(net.teacher, "teacher")
-    around(net.head, "heads")
-    if len(bb.encoder):  # encoder: the first block's modulation to the last block's end
+        around(getattr(bb, part, None), "embed")
+    around(getattr(net, "teacher", None), "teacher")
+    around(getattr(net, "head", None), "heads")
+    for block in getattr(bb, "sideblocks", []):  # MDT's side-interpolater, in the decoder
+        around(block, "side_interpolater")
+    blocks = _encoder_blocks(bb)
+    if blocks:  # from the first block's adaLN modulation (computed first) to the last block
         enc = Span("student_encoder", nvtx)
-        marks += [(bb.encoder[0].adaLN_modulation, "pre", enc.open),
-                  (bb.encoder[-1], "post", enc.close)]
+        first = getattr(blocks[0], "adaLN_modulation", blocks[0])
+        marks += [(first, "pre", enc.open), (blocks[-1], "post", enc.close)]
     # decoder: from the encoder's end (the scatter comes next) to the final layer's end
     dec = Span("decoder", nvtx)
-    start = bb.encoder[-1] if len(bb.encoder) else bb.final_layer
-    marks += [(start, "post", dec.open), (bb.final_layer, "post", dec.close)]
+    marks += [(blocks[-1] if blocks else bb.final_layer, "post", dec.open),
+              (bb.final_layer, "post", dec.close)]
     return marks
 
 

@@ -1,4 +1,5 @@
-"""SD-DiT, DiT and MaskDiT on one DiT backbone, with EDM preconditioning and sampling.
+"""SD-DiT, DiT, MaskDiT and MDT as configurations of one network, with EDM preconditioning
+and sampling. `METHODS` lists the methods in the chart's order.
 
     net = model.build("SD-DiT-XL/2", use_kernels=True)
     losses = net.training_losses(x0, y)          # {"loss", "gen", "dis"}
@@ -8,14 +9,14 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from torch import nn
 
 from model.attention import available_attention_backends
-from model.config import ModelConfig, make_config
+from model.config import METHODS, ModelConfig, make_config
 from model.flops import flops_per_image
+from model.heads import cosine_momentum
 from model.methods import DiffusionTransformer
 from model.sampler import edm_sample
 
@@ -26,11 +27,29 @@ def build(name: str, **overrides: Any) -> DiffusionTransformer:
     return DiffusionTransformer(make_config(name, **overrides))
 
 
+def _config(net_or_config: nn.Module | ModelConfig) -> ModelConfig:
+    return net_or_config if isinstance(net_or_config, ModelConfig) else net_or_config.config
+
+
+def encoder_patches(net_or_config: nn.Module | ModelConfig) -> int:
+    """Number of tokens the (student) encoder sees per image in training, e.g. 205 for
+    SD-DiT-XL/2 (mask ratio 0.2 of 256), 256 for DiT, 128 for MaskDiT; for MDT its masked
+    pass's mean, 153 (it also runs an unmasked pass: `encoder_passes`)."""
+    return _config(net_or_config).encoder_tokens
+
+
+def encoder_passes(net_or_config: nn.Module | ModelConfig) -> tuple[int, ...]:
+    """Encoder tokens of each forward of one training step: (205,) for SD-DiT-XL/2,
+    (256, 153) for MDT (unmasked, then masked at the mean per-step ratio)."""
+    return _config(net_or_config).encoder_passes
+
+
 def teacher_momentum(step: int, total_steps: int, base: float = 0.996, final: float = 1.0
                      ) -> float:
-    """Cosine schedule from base (step 0) to final (the last step), iBOT/DINO style."""
-    progress = min(max(step / max(total_steps, 1), 0.0), 1.0)
-    return final - (final - base) * (math.cos(math.pi * progress) + 1) / 2
+    """Cosine schedule from base (step 0) to final (the last step), iBOT/DINO style. A run
+    uses `net.teacher_momentum(step, total_steps)`, which reads base and final from the
+    config (teacher_momentum_start / teacher_momentum_end)."""
+    return cosine_momentum(step, total_steps, base, final)
 
 
 def attention_backend(net: nn.Module) -> str:
@@ -38,12 +57,15 @@ def attention_backend(net: nn.Module) -> str:
 
 
 __all__ = [
+    "METHODS",
     "DiffusionTransformer",
     "ModelConfig",
     "attention_backend",
     "available_attention_backends",
     "build",
     "edm_sample",
+    "encoder_passes",
+    "encoder_patches",
     "flops_per_image",
     "make_config",
     "teacher_momentum",

@@ -1,13 +1,18 @@
 """Model configuration: one frozen dataclass and the named presets.
 
-SD-DiT, DiT and MaskDiT are configurations of the same code. What a method does is read
-from its fields, not from its name:
-- mask_ratio > 0 masks the student encoder's input;
+SD-DiT, DiT, MaskDiT and MDT are configurations of the same code. What a method does is
+read from its fields, not from its name:
+- backbone = 'dit' (one stack, optionally split into encoder and decoder) or 'mdt' (MDTv2:
+  encoder halves joined by long skips, decoder blocks skipped from the input embedding, a
+  side-interpolater, and a masked plus an unmasked forward per training step);
+- mask_ratio > 0 masks the student encoder's input (MDT: + U(0, mask_ratio_jitter) per step);
+- learned_pos_embed / rel_pos_bias: MDT's trained positions and relative position bias;
 - lambda_dis > 0 builds the EMA teacher and the iBOT-style heads;
 - decoder_depth / decoder_width / separate_decoder shape the decoder;
 - decoder_fill says what sits at masked positions before the decoder;
 - gen_loss_tokens and mae_weight shape the loss.
-Choices marked (assumed) in METHOD.md are fields with the stated defaults.
+Choices marked (assumed) in METHOD.md are fields with the stated defaults; docs/method.md
+says where each method's choices come from.
 """
 
 from __future__ import annotations
@@ -15,9 +20,11 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
-METHODS = ("SD-DiT", "DiT", "MaskDiT")
+# Every method this code trains, in the chart's order.
+METHODS = ("SD-DiT", "DiT", "MaskDiT", "MDT")
+BACKBONES = ("dit", "mdt")
 ATTENTION_BACKENDS = ("auto", "flash_attn", "xformers", "sdpa", "math")
 
 # DiT's sizes: (hidden_size, depth, num_heads).
@@ -38,11 +45,14 @@ class ModelConfig:
     in_channels: int = 4
     num_classes: int = 1000
     # Backbone.
+    backbone: str = "dit"  # 'dit' | 'mdt' (see the module docstring)
     patch_size: int = 2
     hidden_size: int = 1152
     depth: int = 28
     num_heads: int = 16
     mlp_ratio: float = 4.0
+    learned_pos_embed: bool = False  # MDT: position embeddings trained, from 2-D sin-cos
+    rel_pos_bias: bool = False  # MDT: a learned relative position bias per attention layer
     # Decoder. Not separate: the last decoder_depth of `depth` blocks, at hidden width.
     # Separate (MaskDiT): decoder_depth extra blocks of decoder_width after the encoder.
     decoder_depth: int = 4
@@ -52,6 +62,8 @@ class ModelConfig:
     decoder_fill: str = "noisy"  # masked positions: 'noisy' tokens or a learned 'mask_token'
     # Masking and losses.
     mask_ratio: float = 0.2  # (assumed) SD-DiT's reported optimum
+    # MDT: the ratio of each step is mask_ratio + U(0, mask_ratio_jitter), drawn once per step.
+    mask_ratio_jitter: float = 0.0
     class_dropout: float = 0.1
     gen_loss_tokens: str = "all"  # 'all' | 'kept'
     mae_weight: float = 0.0
@@ -70,6 +82,16 @@ class ModelConfig:
     tau_t_end: float = 0.07
     tau_t_warmup_frac: float = 0.1
     center_momentum: float = 0.9
+    # (assumed, iBOT) 'all': the centre averages the teacher's logits over every patch token
+    # of its view; 'kept': over the student's kept tokens only.
+    center_tokens: str = "all"
+    # (assumed, iBOT) teacher EMA momentum, cosine from start (step 0) to end (last step).
+    teacher_momentum_start: float = 0.996
+    teacher_momentum_end: float = 1.0
+    # (assumed) the teacher's noise level. 'min': input and conditioning at sigma_min (the
+    # paper's reading); 'student': input at sigma_min, conditioning at the student's sigma;
+    # 'logu:LO:HI': one sigma per sample, log-uniform in [LO, HI], for input and conditioning.
+    teacher_sigma: str = "min"
     # Execution.
     use_kernels: bool = False
     attention: str = "auto"
@@ -84,12 +106,48 @@ class ModelConfig:
 
     @property
     def num_kept(self) -> int:
-        """L_keep = L - round(r * L), the same count for every sample."""
+        """L_keep = L - round(r * L), the same count for every sample (MDT: int(L (1 - r)),
+        as its public code, at the smallest ratio r = mask_ratio)."""
+        if self.backbone == "mdt":
+            return int(self.num_tokens * (1 - self.mask_ratio))
         return self.num_tokens - int(round(self.mask_ratio * self.num_tokens))
 
     @property
+    def kept_distribution(self) -> list[tuple[int, float]]:
+        """[(L_keep, probability)] of the masked encoder pass. One entry unless the ratio is
+        drawn per step (mask_ratio_jitter > 0): then L_keep = int(L (1 - r)), r uniform."""
+        if self.mask_ratio_jitter == 0:
+            return [(self.num_kept if self.mask_ratio > 0 else self.num_tokens, 1.0)]
+        L = self.num_tokens
+        # u = L (1 - r) ~ U(lo, hi); rounded so that 1 - 0.3 - 0.2 lands on 0.5 exactly.
+        lo = round(L * (1 - self.mask_ratio - self.mask_ratio_jitter), 9)
+        hi = round(L * (1 - self.mask_ratio), 9)
+        out = []
+        for k in range(int(lo), int(hi) + 1):
+            share = (min(hi, k + 1) - max(lo, k)) / (hi - lo)
+            if share > 0:
+                out.append((k, share))
+        return out
+
+    @property
+    def encoder_tokens(self) -> int:
+        """Tokens the (student) encoder sees per image in its masked training pass, rounded
+        mean when the ratio is drawn per step (the chart's "patches")."""
+        return int(round(sum(k * p for k, p in self.kept_distribution)))
+
+    @property
+    def encoder_passes(self) -> tuple[int, ...]:
+        """Encoder tokens of each forward in one training step: MDT runs an unmasked pass
+        (all L tokens) and a masked one."""
+        if self.backbone == "mdt":
+            return (self.num_tokens, self.encoder_tokens)
+        return (self.encoder_tokens,)
+
+    @property
     def encoder_depth(self) -> int:
-        return self.depth if self.separate_decoder else self.depth - self.decoder_depth
+        if self.separate_decoder:
+            return self.depth
+        return self.depth - self.decoder_depth
 
     @property
     def dec_width(self) -> int:
@@ -107,14 +165,38 @@ class ModelConfig:
     def has_teacher(self) -> bool:
         return self.lambda_dis > 0
 
+    @property
+    def teacher_sigma_range(self) -> tuple[float, float] | None:
+        """(LO, HI) of a sampled teacher sigma ('logu:LO:HI'); None for 'min' / 'student'."""
+        return parse_teacher_sigma(self.teacher_sigma)
 
-def _fail(field: str, message: str) -> None:
+
+def parse_teacher_sigma(value: str) -> tuple[float, float] | None:
+    """'min' | 'student' -> None; 'logu:LO:HI' -> (LO, HI). Anything else raises ValueError."""
+    if value in ("min", "student"):
+        return None
+    parts = value.split(":") if isinstance(value, str) else []
+    try:
+        if len(parts) != 3 or parts[0] != "logu":
+            raise ValueError
+        lo, hi = float(parts[1]), float(parts[2])
+    except ValueError:
+        _fail("teacher_sigma", f"must be 'min', 'student' or 'logu:LO:HI' (e.g. "
+              f"'logu:0.002:0.05'), got {value!r}")
+    if not 0 < lo <= hi:
+        _fail("teacher_sigma", f"needs 0 < LO <= HI, got {value!r}")
+    return lo, hi
+
+
+def _fail(field: str, message: str) -> NoReturn:
     raise ValueError(f"model config: {field} {message}")
 
 
 def validate(c: ModelConfig) -> None:
     if c.method not in METHODS:
         _fail("method", f"must be one of {METHODS}, got {c.method!r}")
+    if c.backbone not in BACKBONES:
+        _fail("backbone", f"must be one of {BACKBONES}, got {c.backbone!r}")
     for name in ("input_size", "in_channels", "num_classes", "patch_size", "hidden_size",
                  "depth", "num_heads"):
         if not isinstance(getattr(c, name), int) or getattr(c, name) < 1:
@@ -128,9 +210,21 @@ def validate(c: ModelConfig) -> None:
         _fail("num_heads", f"{c.num_heads} must divide hidden_size {c.hidden_size}")
     if not 0.0 <= c.mask_ratio < 1.0:
         _fail("mask_ratio", f"must be in [0, 1), got {c.mask_ratio}")
-    if c.mask_ratio > 0 and c.num_kept < 1:
-        _fail("mask_ratio", f"{c.mask_ratio} keeps no token of {c.num_tokens}")
-    if not 0 <= c.decoder_depth < c.depth:
+    if not 0.0 <= c.mask_ratio_jitter < 1.0 - c.mask_ratio:
+        _fail("mask_ratio_jitter", f"must be in [0, 1 - mask_ratio), got {c.mask_ratio_jitter}")
+    if c.mask_ratio > 0 and min(k for k, _ in c.kept_distribution) < 1:
+        _fail("mask_ratio", f"{c.mask_ratio} (+ {c.mask_ratio_jitter}) keeps no token of "
+              f"{c.num_tokens}")
+    for name in ("learned_pos_embed", "rel_pos_bias"):
+        if not isinstance(getattr(c, name), bool):
+            _fail(name, f"must be true or false, got {getattr(c, name)!r}")
+    if c.backbone == "mdt":
+        validate_mdt(c)
+    else:
+        for name in ("learned_pos_embed", "rel_pos_bias", "mask_ratio_jitter"):
+            if getattr(c, name):
+                _fail(name, "needs backbone='mdt' (the MDT layout)")
+    if not c.separate_decoder and not 0 <= c.decoder_depth < c.depth:
         _fail("decoder_depth", f"must be in [0, depth={c.depth}), got {c.decoder_depth}")
     if c.separate_decoder:
         if c.decoder_depth < 1:
@@ -156,6 +250,15 @@ def validate(c: ModelConfig) -> None:
             _fail(name, f"must be >= 0, got {getattr(c, name)}")
     if c.sigma_data <= 0 or c.sigma_min <= 0 or c.P_std <= 0:
         _fail("sigma_data/sigma_min/P_std", "must be > 0")
+    if c.center_tokens not in ("all", "kept"):
+        _fail("center_tokens", f"must be 'all' or 'kept', got {c.center_tokens!r}")
+    for name in ("teacher_momentum_start", "teacher_momentum_end"):
+        if isinstance(getattr(c, name), bool) or not isinstance(getattr(c, name), (int, float)):
+            _fail(name, f"must be a number, got {getattr(c, name)!r}")
+    if not 0.0 <= c.teacher_momentum_start <= c.teacher_momentum_end <= 1.0:
+        _fail("teacher_momentum_start", f"and teacher_momentum_end need 0 <= start <= end <= 1, "
+              f"got {c.teacher_momentum_start} and {c.teacher_momentum_end}")
+    parse_teacher_sigma(c.teacher_sigma)
     if c.has_teacher:
         if min(c.tau_s, c.tau_t_start, c.tau_t_end) <= 0:
             _fail("tau_s/tau_t_start/tau_t_end", "must be > 0")
@@ -165,8 +268,44 @@ def validate(c: ModelConfig) -> None:
             _fail("head dims", "must be positive")
 
 
-def method_defaults(method: str, depth: int, size: str) -> dict[str, Any]:
-    """What distinguishes the three methods, for a backbone of `depth` blocks."""
+# MaskDiT's published decoder (XL/2 only): 8 blocks of width 512 with 16 heads of 32.
+MASKDIT_XL = dict(hidden=1152, depth=28, decoder_width=512, decoder_depth=8, head_dim=32)
+
+
+def maskdit_decoder(hidden: int, depth: int) -> dict[str, int]:
+    """MaskDiT's decoder scaled with the backbone (assumed rule; XL exactly as published):
+    width = hidden * 512/1152 (= hidden / 2.25) rounded to a multiple of the published head
+    width 32, depth = 8 * depth/28 rounded, heads = width / 32. The decoder's share of the
+    training FLOPs then stays near XL's (about 10%). S/2 and B/2: 3 blocks of 160 and 352."""
+    xl = MASKDIT_XL
+    head_dim = xl["head_dim"]
+    width = max(head_dim, round(hidden * xl["decoder_width"] / xl["hidden"] / head_dim) * head_dim)
+    dec_depth = max(1, round(xl["decoder_depth"] * depth / xl["depth"]))
+    return dict(decoder_width=width, decoder_depth=dec_depth, decoder_num_heads=width // head_dim)
+
+
+def validate_mdt(c: ModelConfig) -> None:
+    """MDT's layout: depth = 2 x half + decoder_depth, no teacher, no separate decoder."""
+    if not 1 <= c.decoder_depth < c.depth or (c.depth - c.decoder_depth) % 2:
+        _fail("decoder_depth", f"with backbone='mdt' must leave an even encoder depth >= 2 "
+              f"(two halves joined by long skips): depth {c.depth}, got {c.decoder_depth}")
+    if c.mask_ratio <= 0:
+        _fail("mask_ratio", "must be > 0 with backbone='mdt' (its masked pass)")
+    for name, value in (("lambda_dis", 0.0), ("mae_weight", 0.0), ("separate_decoder", False),
+                        ("gen_loss_tokens", "all")):
+        if getattr(c, name) != value:
+            _fail(name, f"must be {value!r} with backbone='mdt', got {getattr(c, name)!r}")
+    if c.rel_pos_bias and c.attention not in ("auto", "sdpa", "math"):
+        _fail("attention", f"{c.attention!r} takes no additive bias: rel_pos_bias runs on "
+              f"'sdpa' or 'math' ('auto' picks sdpa)")
+
+
+# MDTv2's decoder depth ("decode_layer") in the public run scripts: 6 for S/2, 4 for XL/2.
+MDT_DECODE_LAYERS = {"S": 6, "B": 6, "L": 4, "XL": 4, "tiny": 2}
+
+
+def method_defaults(method: str, depth: int, size: str, hidden: int) -> dict[str, Any]:
+    """What distinguishes the methods, for a backbone of `depth` blocks of width `hidden`."""
     if method == "SD-DiT":
         return dict(mask_ratio=0.2, decoder_depth=depth // 6, lambda_dis=0.1, mae_weight=0.0,
                     decoder_fill="noisy", gen_loss_tokens="all",
@@ -174,10 +313,13 @@ def method_defaults(method: str, depth: int, size: str) -> dict[str, Any]:
     if method == "DiT":
         return dict(mask_ratio=0.0, decoder_depth=0, lambda_dis=0.0, mae_weight=0.0)
     if method == "MaskDiT":
-        # (assumed) MaskDiT's XL decoder, 8 blocks of width 512, for every size.
-        return dict(mask_ratio=0.5, separate_decoder=True, decoder_depth=8, decoder_width=512,
-                    decoder_num_heads=16, decoder_fill="mask_token", gen_loss_tokens="kept",
-                    lambda_dis=0.0, mae_weight=0.1)
+        return dict(mask_ratio=0.5, separate_decoder=True, **maskdit_decoder(hidden, depth),
+                    decoder_fill="mask_token", gen_loss_tokens="kept", lambda_dis=0.0,
+                    mae_weight=0.1)
+    if method == "MDT":
+        return dict(backbone="mdt", mask_ratio=0.3, mask_ratio_jitter=0.2,
+                    decoder_depth=MDT_DECODE_LAYERS[size], learned_pos_embed=True,
+                    rel_pos_bias=True, lambda_dis=0.0, mae_weight=0.0, gen_loss_tokens="all")
     raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
 
 
@@ -186,15 +328,13 @@ def tiny_fields(method: str) -> dict[str, Any]:
     fields = dict(input_size=32, in_channels=1, num_classes=10, patch_size=2, hidden_size=128,
                   depth=6, num_heads=4, head_hidden_dim=256, head_bottleneck_dim=64,
                   n_prototypes=512)
-    fields.update(method_defaults(method, 6, "tiny"))
+    fields.update(method_defaults(method, 6, "tiny", 128))
     if method == "SD-DiT":
         fields["n_prototypes"] = 512
-    if method == "MaskDiT":
-        fields.update(decoder_depth=2, decoder_width=96, decoder_num_heads=4)
     return fields
 
 
-_NAME = re.compile(r"^(SD-DiT|DiT|MaskDiT)-(?:(S|B|L|XL)/(\d+)|(tiny))$")
+_NAME = re.compile(r"^(SD-DiT|DiT|MaskDiT|MDT)-(?:(S|B|L|XL)/(\d+)|(tiny))$")
 
 
 def preset(name: str) -> dict[str, Any]:
@@ -213,7 +353,7 @@ def preset(name: str) -> dict[str, Any]:
     hidden, depth, heads = SIZES[size]
     fields = dict(method=method, patch_size=int(patch), hidden_size=hidden, depth=depth,
                   num_heads=heads)
-    fields.update(method_defaults(method, depth, size))
+    fields.update(method_defaults(method, depth, size, hidden))
     return fields
 
 

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.distributed as dist
@@ -73,15 +74,28 @@ class EMATeacher(nn.Module):
 
     @torch.no_grad()
     def forward(self, x_in: torch.Tensor, c_noise: torch.Tensor, y: torch.Tensor,
-                pos_embed: torch.Tensor, ids_keep: torch.Tensor | None, fused: bool
-                ) -> torch.Tensor:
-        """Teacher view x_in [B, C, H, W] -> logits [B, T, K] at the student's kept tokens."""
+                pos_embed: torch.Tensor, ids_keep: torch.Tensor | None, fused: bool,
+                all_tokens: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher view x_in [B, C, H, W] -> (logits [B, T, K] at the student's kept tokens,
+        logits the centre averages: [B, L, K] at every token when all_tokens, else the
+        same kept logits)."""
         tokens = self.x_embedder(x_in) + pos_embed  # [B, L, D]: every token
         c = self.t_embedder(c_noise) + self.y_embedder(y)  # [B, D]
         z, _ = run_blocks(self.encoder, tokens, c, fused)  # [B, L, D]
-        if ids_keep is not None:
-            z = gather_tokens(z, ids_keep, fused)  # [B, T, D]
-        return self.head(z)
+        if ids_keep is None:
+            logits = self.head(z)  # [B, L, K]
+            return logits, logits
+        if all_tokens:
+            every = self.head(z)  # [B, L, K]
+            return gather_tokens(every, ids_keep, fused), every
+        kept = self.head(gather_tokens(z, ids_keep, fused))  # [B, T, K]
+        return kept, kept
+
+
+def cosine_momentum(step: int, total_steps: int, start: float, end: float) -> float:
+    """Cosine from start (step 0) to end (step total_steps and after), iBOT/DINO style."""
+    progress = min(max(step / max(total_steps, 1), 0.0), 1.0)
+    return end - (end - start) * (math.cos(math.pi * progress) + 1) / 2
 
 
 def teacher_temperature(step: int, total_steps: int, start: float, end: float,

@@ -6,8 +6,9 @@ Training step (`training_losses`), following METHOD.md:
 2. Tokens and conditioning; labels dropped to the null class with p = class_dropout.
 3. Per-sample random keep set of L_keep tokens (mask_ratio > 0).
 4. Student encoder on the kept tokens -> z_s [B, L_keep, D].
-5. (SD-DiT) Teacher on all tokens of the teacher view, no grad; self-distillation loss
-   between the heads' outputs at the kept tokens.
+5. (SD-DiT) Teacher on all tokens of the teacher view (noise level per `teacher_sigma`),
+   no grad; self-distillation loss between the heads' outputs at the kept tokens; the
+   centre averages the teacher's logits over all its tokens (or the kept, `center_tokens`).
 6. Decoder on the full sequence (z_s at kept positions; noisy tokens or a mask token at the
    others) -> F; EDM loss on all tokens, or the kept ones (MaskDiT), plus MaskDiT's MAE term.
 Inference (`denoise`) runs every token through encoder and decoder; no teacher, no heads.
@@ -26,12 +27,24 @@ from model.dit import DiTBackbone
 from model.heads import (
     DiscriminativeHead,
     EMATeacher,
+    cosine_momentum,
     self_distillation_loss,
     teacher_temperature,
     update_center_,
 )
 from model.layers import drop_labels, gather_tokens, kept_patch_weight, random_keep_ids
-from model.precond import edm_loss, edm_scalings, mae_loss, per_sample, precondition, sample_sigma
+from model.mdt import MDTBackbone, RelPosAttention, sample_num_kept
+from model.precond import (
+    NoisyViews,
+    edm_loss,
+    edm_scalings,
+    mae_loss,
+    per_sample,
+    precondition,
+    sample_log_uniform,
+    sample_sigma,
+    teacher_view,
+)
 
 
 class DiffusionTransformer(nn.Module):
@@ -42,7 +55,7 @@ class DiffusionTransformer(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.backbone = DiTBackbone(config)
+        self.backbone = MDTBackbone(config) if config.backbone == "mdt" else DiTBackbone(config)
         self.head: DiscriminativeHead | None = None
         self.teacher: EMATeacher | None = None
         if config.has_teacher:
@@ -56,7 +69,8 @@ class DiffusionTransformer(nn.Module):
 
     @torch.no_grad()
     def initialize_weights(self) -> None:
-        """All initialisation, DiT style: xavier linears, zero adaLN and output layers."""
+        """All initialisation, DiT style: xavier linears, then the backbone's own (zero adaLN
+        and output layers, ...), then the heads."""
         def basic_init(module: nn.Module) -> None:
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -64,22 +78,7 @@ class DiffusionTransformer(nn.Module):
                     nn.init.zeros_(module.bias)
 
         self.apply(basic_init)
-        bb = self.backbone
-        w = bb.x_embedder.proj.weight  # like a linear on the flattened patch
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(bb.x_embedder.proj.bias)
-        nn.init.normal_(bb.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(bb.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(bb.t_embedder.mlp[2].weight, std=0.02)
-        for block in [*bb.encoder, *bb.decoder]:  # adaLN-Zero: every block starts as identity
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        nn.init.zeros_(bb.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(bb.final_layer.adaLN_modulation[-1].bias)
-        nn.init.zeros_(bb.final_layer.linear.weight)
-        nn.init.zeros_(bb.final_layer.linear.bias)
-        if bb.mask_token is not None:
-            nn.init.normal_(bb.mask_token, std=0.02)
+        self.backbone.initialize_weights()
         if self.head is not None:
             for layer in self.head.mlp:
                 if isinstance(layer, nn.Linear):
@@ -91,11 +90,15 @@ class DiffusionTransformer(nn.Module):
         """x0 [B, C, H, W], y [B] -> {"loss", "gen", and "dis" (SD-DiT) / "mae" (MaskDiT)}.
         Noise, sigma, label dropout and masks come from the global RNG on x0's device."""
         cfg, bb, fused = self.config, self.backbone, self.config.use_kernels
+        if cfg.backbone == "mdt":
+            return self.mdt_losses(x0, y)
         B, L, device = x0.shape[0], cfg.num_tokens, x0.device
         sigma = sample_sigma(B, cfg.P_mean, cfg.P_std, device)  # [B]
         noise = torch.randn_like(x0)  # [B, C, H, W]
         y = drop_labels(y, cfg.class_dropout, cfg.num_classes)  # [B]
-        views = precondition(x0, noise, sigma, cfg.sigma_min if cfg.has_teacher else None,
+        # The teacher view comes from the same pass when it sits at the fixed sigma_min.
+        fixed_teacher = cfg.has_teacher and cfg.teacher_sigma_range is None
+        views = precondition(x0, noise, sigma, cfg.sigma_min if fixed_teacher else None,
                              cfg.sigma_data, fused)
         ids_keep = random_keep_ids(B, L, cfg.num_kept, device) if cfg.mask_ratio > 0 else None
 
@@ -112,7 +115,8 @@ class DiffusionTransformer(nn.Module):
         losses = {"gen": gen}
         total = gen
         if cfg.has_teacher:
-            losses["dis"] = self.discriminative_loss(z, views.x_in_teacher, y, ids_keep)
+            x_in_t, c_noise_t = self.teacher_inputs(x0, noise, views)
+            losses["dis"] = self.discriminative_loss(z, x_in_t, c_noise_t, y, ids_keep)
             total = total + cfg.lambda_dis * losses["dis"]
         if cfg.mae_weight > 0 and kept_weight is not None:
             losses["mae"] = mae_loss(F, views.x_noisy, sigma, cfg.sigma_data, 1 - kept_weight,
@@ -121,18 +125,64 @@ class DiffusionTransformer(nn.Module):
         losses["loss"] = total
         return losses
 
+    def mdt_losses(self, x0: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """MDTv2's step under EDM: one sigma per sample shared by two forwards, each with its
+        own noise and label dropout (as the public code's two `training_losses` calls share
+        t): "gen" of the unmasked pass plus "gen_masked" of the masked pass, whose ratio
+        r = mask_ratio + U(0, mask_ratio_jitter) is drawn once per step (CPU generator, no
+        device sync) and keeps int(L (1 - r)) tokens per sample."""
+        cfg, bb, fused = self.config, self.backbone, self.config.use_kernels
+        B, L, device = x0.shape[0], cfg.num_tokens, x0.device
+        sigma = sample_sigma(B, cfg.P_mean, cfg.P_std, device)  # [B]
+        losses = {}
+        for name in ("gen", "gen_masked"):
+            noise = torch.randn_like(x0)
+            labels = drop_labels(y, cfg.class_dropout, cfg.num_classes)  # [B]
+            views = precondition(x0, noise, sigma, None, cfg.sigma_data, fused)
+            tokens = bb.embed(views.x_in)  # [B, L, D]
+            c = bb.condition(views.c_noise, labels)  # [B, D]
+            if name == "gen":
+                x = bb.encode(tokens, c) + bb.decoder_pos_embed  # [B, L, D]
+            else:
+                ids_keep = random_keep_ids(B, L, sample_num_kept(cfg), device)  # [B, K]
+                z = bb.encode(gather_tokens(tokens, ids_keep, fused), c, ids_keep)  # [B, K, D]
+                x = bb.side_interpolate(z, c, ids_keep)  # [B, L, D]
+            F = bb.decode(x, c, tokens)  # [B, C, H, W]
+            losses[name] = edm_loss(F, views.x_noisy, x0, sigma, cfg.sigma_data, None,
+                                    cfg.patch_size, fused).mean()
+        losses["loss"] = losses["gen"] + losses["gen_masked"]
+        return losses
+
+    def teacher_inputs(self, x0: torch.Tensor, noise: torch.Tensor, views: NoisyViews
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's network input [B, C, H, W] and c_noise [B], per `teacher_sigma`:
+        'min' sigma_min for both; 'student' the sigma_min view under the student's c_noise;
+        'logu:LO:HI' a per-sample sigma_t ~ logU[LO, HI] for both (same noise draw)."""
+        cfg, B = self.config, x0.shape[0]
+        sampled = cfg.teacher_sigma_range
+        if sampled is not None:
+            sigma_t = sample_log_uniform(B, *sampled, x0.device)  # [B]
+            return teacher_view(x0, noise, sigma_t, cfg.sigma_data), sigma_t.log() / 4
+        if cfg.teacher_sigma == "student":
+            return views.x_in_teacher, views.c_noise
+        c_noise = torch.full((B,), math.log(cfg.sigma_min) / 4, device=x0.device)  # [B]
+        return views.x_in_teacher, c_noise
+
     def discriminative_loss(self, z_s: torch.Tensor, x_in_teacher: torch.Tensor,
-                            y: torch.Tensor, ids_keep: torch.Tensor | None) -> torch.Tensor:
-        """z_s: student encoder output [B, L_keep, D]; the teacher sees every token of its view."""
+                            c_noise_teacher: torch.Tensor, y: torch.Tensor,
+                            ids_keep: torch.Tensor | None) -> torch.Tensor:
+        """z_s: student encoder output [B, L_keep, D]; the teacher sees every token of its
+        view. The centre averages the teacher's logits over all its tokens or the kept ones
+        (`center_tokens`)."""
         cfg = self.config
-        c_noise_t = torch.full(y.shape, math.log(cfg.sigma_min) / 4, device=y.device)  # [B]
-        teacher_logits = self.teacher(x_in_teacher, c_noise_t, y, self.backbone.pos_embed,
-                                      ids_keep, cfg.use_kernels)  # [B, L_keep, K], no grad
+        teacher_logits, center_logits = self.teacher(
+            x_in_teacher, c_noise_teacher, y, self.backbone.pos_embed, ids_keep,
+            cfg.use_kernels, all_tokens=cfg.center_tokens == "all")  # [B, L_keep, K], no grad
         student_logits = self.head(z_s)  # [B, L_keep, K]
         loss = self_distillation_loss(student_logits, teacher_logits, self.center, cfg.tau_s,
                                       self.tau_t)
         if self.training:
-            update_center_(self.center, teacher_logits, cfg.center_momentum)
+            update_center_(self.center, center_logits, cfg.center_momentum)
         return loss
 
     @torch.no_grad()
@@ -141,8 +191,18 @@ class DiffusionTransformer(nn.Module):
         if self.teacher is not None:
             self.teacher.ema_update_(self.backbone, self.head, momentum)
 
+    def teacher_momentum(self, step: int, total_steps: int) -> float:
+        """The teacher's EMA momentum at `step` of a run planned for `total_steps`: cosine
+        from teacher_momentum_start to teacher_momentum_end (SD-DiT); 1.0 without a teacher."""
+        if self.teacher is None:
+            return 1.0
+        cfg = self.config
+        return cosine_momentum(step, total_steps, cfg.teacher_momentum_start,
+                               cfg.teacher_momentum_end)
+
     def set_progress(self, step: int, total_steps: int) -> None:
-        """Teacher-temperature warm-up (SD-DiT; else a no-op)."""
+        """Teacher-temperature warm-up (SD-DiT; else a no-op), over the first
+        tau_t_warmup_frac of a run planned for `total_steps`."""
         if self.teacher is not None:
             cfg = self.config
             self.tau_t.fill_(teacher_temperature(step, total_steps, cfg.tau_t_start,
@@ -174,9 +234,11 @@ class DiffusionTransformer(nn.Module):
         """The backend the latest forward ran on; before any, the one fp32 tensors on this
         net's device would get (autocast to fp16/bf16 on CUDA may then pick a faster one)."""
         for module in self.backbone.modules():
-            if isinstance(module, Attention) and module.last_backend is not None:
+            if isinstance(module, (Attention, RelPosAttention)) and module.last_backend:
                 return module.last_backend
         cfg = self.config
+        if cfg.backbone == "mdt":  # an additive bias: SDPA unless 'math' is forced
+            return "math" if cfg.attention == "math" else "sdpa"
         if cfg.attention != "auto":
             return cfg.attention
         weight = self.backbone.final_layer.linear.weight

@@ -64,6 +64,22 @@ def precondition(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor,
     return NoisyViews(x_noisy, x_in, s.c_noise, x_in_teacher)
 
 
+def teacher_view(x0: torch.Tensor, noise: torch.Tensor, sigma_t: torch.Tensor,
+                 sigma_data: float) -> torch.Tensor:
+    """The teacher's network input at per-sample noise levels sigma_t [B], from the student's
+    noise draw: c_in(sigma_t) (x0 + sigma_t n), [B, C, H, W]."""
+    sigma_t = sigma_t.float()
+    c_in = (sigma_t.square() + sigma_data**2).rsqrt()  # [B]
+    return per_sample(c_in, x0) * (x0 + per_sample(sigma_t, x0) * noise)
+
+
+def sample_log_uniform(batch: int, low: float, high: float, device: torch.device
+                       ) -> torch.Tensor:
+    """[B] sigmas with ln(sigma) ~ U(ln low, ln high)."""
+    u = torch.rand(batch, device=device)
+    return (math.log(low) + u * (math.log(high) - math.log(low))).exp()
+
+
 def patch_means(err: torch.Tensor, patch_size: int) -> torch.Tensor:
     """[B, C, H, W] -> [B, L]: the mean of each p x p patch (over channels too), raster order."""
     B, C, H, W = err.shape

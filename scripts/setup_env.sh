@@ -93,7 +93,7 @@ if [ "$INDEX" = offline ]; then
   # No pip: the project goes on the path directly, and `sddit` is a small wrapper.
   vsite=$("$VPY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
   pwd > "$vsite/_sddit_project.pth"
-  printf '#!/usr/bin/env bash\nexec "%s" -m train.cli "$@"\n' "$(pwd)/$VPY" > "$VENV/bin/sddit"
+  printf '#!/usr/bin/env bash\nexec "%s" -m sddit "$@"\n' "$(pwd)/$VPY" > "$VENV/bin/sddit"
   chmod +x "$VENV/bin/sddit"
   missing=$("$VPY" - <<'PYEOF'
 import importlib.util

@@ -94,22 +94,3 @@ def test_train_step_alias_maps_and_rejects(capsys: pytest.CaptureFixture[str]) -
     assert train_step.main(["--variants", "reference,nope"]) == 2
     assert "nope" in capsys.readouterr().err
 
-
-def test_lower_layers_never_import_bench() -> None:
-    """Imports point one way: bench may use train, metrics, model and sdkernels, never the
-    reverse (DESIGN.md, Layout). The sddit command line (train/cli.py) sits above bench."""
-    import ast
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    offenders = []
-    for package in ("sdkernels", "model", "train", "metrics"):
-        for path in (root / package).rglob("*.py"):
-            if path == root / "train" / "cli.py":
-                continue
-            for node in ast.walk(ast.parse(path.read_text())):
-                names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                         else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-                offenders += [f"{path.relative_to(root)}: {n}" for n in names
-                              if n == "bench" or n.startswith("bench.")]
-    assert not offenders, offenders

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -57,3 +59,23 @@ def test_analytic_count_matches_torch_flop_counter(name: str, overrides: dict) -
     # Training: the one deviation is the patch convolution's input gradient (not computed).
     measured = measured_macs(net, train=True)
     assert abs(flops_per_image(net, train=True) / 2 - measured) / measured < 0.005
+
+
+def test_method_table_is_computed_and_in_the_method_card() -> None:
+    from model.flops import format_method_table, method_table
+
+    rows = method_table()
+    assert [r["model"] for r in rows] == [f"{m}-{s}" for m in model.METHODS
+                                          for s in ("S/2", "B/2", "XL/2")]
+    by_name = {r["model"]: r for r in rows}
+    assert abs(by_name["DiT-XL/2"]["forward_gflops"] - 2 * 118.64) / (2 * 118.64) < 0.01
+    assert round(by_name["MaskDiT-XL/2"]["params_m"], 1) == 730.1
+    for r in rows:
+        cfg = model.make_config(r["model"])
+        assert r["train_gflops"] == flops_per_image(cfg, train=True) / 1e9
+        assert r["encoder_tokens"] == model.encoder_patches(cfg)
+    path = os.path.join(os.path.dirname(__file__), "..", "docs", "method.md")
+    with open(path) as f:
+        card = f.read()
+    table = card.split("<!-- method-table:begin -->\n")[1].split("\n<!-- method-table:end -->")[0]
+    assert table == format_method_table(rows), "docs/method.md is stale: run python -m model"

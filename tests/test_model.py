@@ -270,3 +270,15 @@ def test_attention_backends_are_queryable_and_agree() -> None:
     for missing in {"flash_attn", "xformers"} - set(available):
         with pytest.raises(ValueError, match="not importable"):
             micro("DiT", attention=missing)
+
+
+def test_method_registry_and_encoder_patches() -> None:
+    assert model.METHODS[:3] == ("SD-DiT", "DiT", "MaskDiT")
+    expected = {"SD-DiT": 205, "DiT": 256, "MaskDiT": 128}
+    for method in model.METHODS[:3]:
+        cfg = model.make_config(f"{method}-XL/2")
+        assert model.encoder_patches(cfg) == expected[method]
+    with torch.device("meta"):
+        net = model.build("SD-DiT-XL/2")
+    assert model.encoder_patches(net) == 205
+    assert model.encoder_patches(model.make_config("SD-DiT-tiny", mask_ratio=0.0)) == 256

@@ -256,7 +256,7 @@ def test_a_full_disk_fails_the_save_cleanly_and_keeps_earlier_checkpoints(tmp_pa
                                                                          capsys):
     import errno
 
-    from train.cli import main
+    from sddit.cli import main
 
     config = os.path.join(ROOT, "configs", "tiny.toml")
     common = ["train", "--config", config, "--set", f"run.dir={json.dumps(str(tmp_path))}",

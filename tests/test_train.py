@@ -34,7 +34,7 @@ def tiny_config(run_dir, *sets: str):
 
 def small_batches(batch_size: int = 8, num: int = 24, seed: int = 0) -> TensorBatches:
     """24 real animal-mnist images: 3 steps per epoch at batch 8, with flips."""
-    from train.animal_mnist import load_animal_mnist, to_model_range
+    from train.data.animal_mnist import load_animal_mnist, to_model_range
 
     images, labels = load_animal_mnist("train")
     sampler = EpochSampler(num, batch_size, seed=seed, hflip=True)

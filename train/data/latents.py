@@ -24,7 +24,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from train.data import CorruptImageError, ImageFolderDataset, usable_images
+from train.data.images import CorruptImageError, ImageFolderDataset, usable_images
 
 Encoder = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 SD_VAE_SCALE = 0.18215
@@ -33,7 +33,7 @@ LATENT_FORMAT = "sddit-latent-shards"
 
 
 class LatentShards:
-    """Reads an index written by `train.latents.prepare_latents`; shards are memory-mapped."""
+    """Reads an index written by `train.data.latents.prepare_latents`; shards are memory-mapped."""
 
     def __init__(self, root: str):
         index_path = os.path.join(root, LATENT_INDEX)
