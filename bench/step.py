@@ -241,21 +241,14 @@ def bench_path(args: argparse.Namespace, path: str, device: torch.device,
 
 
 def method_table(name: str) -> list[dict[str, Any]]:
-    """Parameters and training GFLOPs per image of each method at `name`'s size."""
-    import model
+    """model.flops.method_table at `name`'s size: parameters, teacher parameters and
+    training / inference GFLOPs per image of every method."""
     from model.config import METHODS
+    from model.flops import method_table as table
 
-    size = name.split("-", 2)[-1] if name.startswith("SD-DiT") else name.split("-", 1)[-1]
-    rows = []
-    for method in METHODS:
-        with torch.device("meta"):
-            net = model.build(f"{method}-{size}")
-        trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in net.parameters())
-        rows.append({"model": f"{method}-{size}", "params_trainable_m": trainable / 1e6,
-                     "params_total_m": total / 1e6,
-                     "train_gflops_per_image": model.flops_per_image(net, train=True) / 1e9})
-    return rows
+    method = next(m for m in sorted(METHODS, key=len, reverse=True)
+                  if name.startswith(f"{m}-"))
+    return table(sizes=(name[len(method) + 1:],))
 
 
 def add_step_arguments(p: argparse.ArgumentParser) -> None:
@@ -324,10 +317,9 @@ def _print_row(row: dict[str, Any], label: str) -> None:
 
 
 def _print_methods(rows: list[dict[str, Any]]) -> None:
-    print(f"{'model':<20}{'trainable M':>12}{'total M':>10}{'train GFLOP/img':>17}")
-    for r in rows:
-        print(f"{r['model']:<20}{r['params_trainable_m']:>12.2f}{r['params_total_m']:>10.2f}"
-              f"{r['train_gflops_per_image']:>17.2f}")
+    from model.flops import format_method_table
+
+    print(format_method_table(rows))
 
 
 def run_step(args: argparse.Namespace) -> int:
