@@ -133,6 +133,9 @@ def test_resume_refuses_a_changed_batch_or_seed_and_logs_other_changes(tmp_path)
     result = train(tiny_config(tmp_path, "schedule.log_every=2"), batches=small_batches(),
                    resume=True)
     assert any("schedule.log_every: 1 -> 2" in n for n in result.notes)
+    before = json.loads((tmp_path / "config-until-step00000002.json").read_text())
+    after = json.loads((tmp_path / "config.json").read_text())
+    assert (before["schedule"]["log_every"], after["schedule"]["log_every"]) == (1, 2)
 
 
 def test_a_one_rank_checkpoint_on_two_ranks_gives_each_rank_its_own_stream():

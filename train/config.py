@@ -331,13 +331,21 @@ def _get(cfg: Config, dotted: str) -> Any:
     return node
 
 
-def save_resolved(cfg: Config, run_dir: str) -> str:
-    """Writes the fully resolved config as JSON; `--config run/config.json` reloads it."""
+def save_resolved(cfg: Config, run_dir: str, step: int = 0) -> str:
+    """Writes the fully resolved config as JSON; `--config run/config.json` reloads it. A
+    different config.json already there (a resume with changes) is kept as
+    config-until-step<step>.json, so the run's history of settings is never lost."""
     os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, "config.json")
+    text = json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n"
+    if os.path.isfile(path):
+        with open(path) as f:
+            previous = f.read()
+        if previous == text:
+            return path
+        os.replace(path, os.path.join(run_dir, f"config-until-step{step:08d}.json"))
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(to_dict(cfg), f, indent=2, sort_keys=True)
-        f.write("\n")
+        f.write(text)
     os.replace(tmp, path)
     return path

@@ -418,7 +418,7 @@ def train(cfg: Config, *, resume: bool | str = False, stop_after: int | None = N
 def _announce(s: Session, p: Progress, resumed_from: str | None) -> None:
     if not s.info.is_main:
         return
-    save_resolved(s.cfg, s.cfg.run.dir)
+    save_resolved(s.cfg, s.cfg.run.dir, p.step)
     s.logger.log({"event": "start", "step": p.step, "world_size": s.info.world_size,
                   "device": str(s.info.device), "resumed_from": resumed_from,
                   "num_params": sum(q.numel() for q in s.step_fn.params),
