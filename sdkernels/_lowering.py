@@ -87,7 +87,7 @@ def lower(case: LoweringCase, capability: int) -> LoweringReport:
     )
 
 
-KERNEL_MODULES = ("sdkernels.adaln", "sdkernels.tokens", "sdkernels.edm")
+KERNEL_MODULES = ("sdkernels.adaln", "sdkernels.tokens", "sdkernels.edm", "sdkernels.optim")
 CAPABILITIES = (80, 90)
 
 

@@ -1,0 +1,208 @@
+"""FusedAdamWEMA (train/fused_optim.py over sdkernels/optim.py) against its references:
+torch.optim.AdamW (single-tensor) for the parameters and moments, torch.lerp for the
+teacher and the sampling EMA, over several steps and tensors of awkward sizes.
+
+Tolerance: torch's own AdamW variants differ by about an ulp (its fused kernel against the
+single-tensor loop), and under the Triton interpreter fma is unfused where torch's
+vectorised lerp fuses it; so each tensor must agree to 4 fp32 ulps of its largest value.
+The torch fallback path runs torch's own op sequence and must agree bitwise.
+"""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from sdkernels import _runtime
+from sdkernels import optim as kernels
+from train.fused_optim import FusedAdamWEMA
+
+SHAPES = [(72,), (7, 63), (1152, 3), (1,), (300, 17), (5, 1, 3)]
+HYPER = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05)
+MOMENTUM, BETA = 0.9, 0.8  # large weights, so that the averages move visibly
+TEACHER = (0, 2, 3, 5)  # params with a teacher partner
+EMA = (0, 1, 2, 4, 5)  # params with a sampling-EMA partner
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, name: str, ulps: float = 4) -> None:
+    assert torch.isfinite(actual).all(), name
+    bound = ulps * torch.finfo(torch.float32).eps * float(expected.abs().max())
+    err = float((actual - expected).abs().max())
+    assert err <= bound, f"{name}: max error {err:.3e} > {ulps} ulps ({bound:.3e})"
+
+
+def _setup(teacher_shadow: bool = False):
+    params = [torch.nn.Parameter(torch.randn(s)) for s in SHAPES]
+    teachers = {i: params[i].detach() + 0.1 * torch.randn(SHAPES[i]) for i in TEACHER}
+    emas = {i: params[i].detach() + 0.1 * torch.randn(SHAPES[i]) for i in EMA}
+    opt = FusedAdamWEMA(params, **HYPER, teacher_pairs=[(teachers[i], params[i]) for i in TEACHER],
+                        ema_pairs=[(emas[i], params[i]) for i in EMA],
+                        teacher_shadow=teacher_shadow)
+    return params, teachers, emas, opt
+
+
+def _torch_side(params, teachers, emas):
+    """Independent copies updated by torch.optim.AdamW and torch.lerp."""
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = torch.optim.AdamW(ref, **HYPER, foreach=False)
+    return ref, {i: t.clone() for i, t in teachers.items()}, \
+        {i: e.clone() for i, e in emas.items()}, opt
+
+
+def _grads(step: int) -> list[torch.Tensor | None]:
+    gen = torch.Generator().manual_seed(100 + step)
+    grads = [torch.randn(s, generator=gen) for s in SHAPES]
+    if step == 2:
+        grads[4] = None  # unused this step: no Adam update, the EMA still moves
+    return grads
+
+
+def _run_both(n_steps: int):
+    params, teachers, emas, opt = _setup()
+    ref, ref_t, ref_e, ref_opt = _torch_side(params, teachers, emas)
+    for k in range(n_steps):
+        for p, q, g in zip(params, ref, _grads(k), strict=True):
+            p.grad, q.grad = (None, None) if g is None else (g.clone(), g.clone())
+        opt.step(teacher_momentum=MOMENTUM, ema_beta=BETA)
+        ref_opt.step()
+        with torch.no_grad():
+            for i in TEACHER:
+                ref_t[i].lerp_(ref[i], 1 - MOMENTUM)
+            for i in EMA:
+                ref_e[i].lerp_(ref[i], 1 - BETA)
+    return (params, teachers, emas, opt), (ref, ref_t, ref_e, ref_opt)
+
+
+def _compare(mine, theirs, ulps: float) -> None:
+    (params, teachers, emas, opt), (ref, ref_t, ref_e, ref_opt) = mine, theirs
+    for i, (p, q) in enumerate(zip(params, ref, strict=True)):
+        _close(p.detach(), q.detach(), f"param {i}", ulps)
+        for key in ("exp_avg", "exp_avg_sq"):
+            _close(opt.state[p][key], ref_opt.state[q][key], f"{key} {i}", ulps)
+        assert float(opt.state[p]["step"]) == float(ref_opt.state[q]["step"]), f"step {i}"
+    for i in TEACHER:
+        _close(teachers[i], ref_t[i], f"teacher {i}", ulps)
+    for i in EMA:
+        _close(emas[i], ref_e[i], f"ema {i}", ulps)
+
+
+def test_kernel_matches_torch_adamw_and_lerp() -> None:
+    assert _runtime.current_backend(torch.zeros(1)) == "triton"
+    _compare(*_run_both(5), ulps=4)
+
+
+def test_torch_fallback_is_torch_bitwise() -> None:
+    with _runtime.force_backend("reference"):
+        _compare(*_run_both(4), ulps=0)
+
+
+def test_found_inf_skips_everything_on_device() -> None:
+    params, teachers, emas, opt = _setup(teacher_shadow=True)
+    for p, g in zip(params, _grads(0), strict=True):
+        p.grad = g
+    opt.step(teacher_momentum=MOMENTUM, ema_beta=BETA)
+    snapshot = [t.clone() for t in (*params, *teachers.values(), *emas.values(),
+                                    *(opt.state[p][k] for p in params
+                                      for k in ("exp_avg", "exp_avg_sq")),
+                                    *(s for _, s in opt.teacher_shadows), opt._steps)]
+    opt.step(teacher_momentum=MOMENTUM, ema_beta=BETA, found_inf=torch.ones(()))
+    after = [*params, *teachers.values(), *emas.values(),
+             *(opt.state[p][k] for p in params for k in ("exp_avg", "exp_avg_sq")),
+             *(s for _, s in opt.teacher_shadows), opt._steps]
+    for i, (a, b) in enumerate(zip(after, snapshot, strict=True)):
+        assert torch.equal(a.detach(), b), f"tensor {i} changed on a skipped step"
+    opt.step(teacher_momentum=MOMENTUM, ema_beta=BETA, found_inf=torch.zeros(1))
+    assert float(opt.state[params[0]]["step"]) == 2.0
+    assert not torch.equal(params[0].detach(), snapshot[0])
+
+
+def test_steps_are_bitwise_deterministic() -> None:
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(1)  # the same draws in _setup for both runs
+        (params, teachers, emas, opt), _ = _run_both(3)
+        runs.append([*params, *teachers.values(), *emas.values(),
+                     *(opt.state[p]["exp_avg_sq"] for p in params)])
+    for i, (a, b) in enumerate(zip(*runs, strict=True)):
+        assert torch.equal(a.detach(), b.detach()), f"tensor {i} differs between runs"
+
+
+def test_teacher_shadow_is_written_by_the_same_pass() -> None:
+    params, teachers, _, opt = _setup(teacher_shadow=True)
+    for k in range(2):
+        for p, g in zip(params, _grads(k), strict=True):
+            p.grad = g
+        opt.step(teacher_momentum=MOMENTUM, ema_beta=BETA)
+    shadows = opt.teacher_shadows
+    assert len(shadows) == len(TEACHER)
+    for t, s in shadows:
+        assert s.dtype == torch.bfloat16
+        # One bf16 ulp: the interpreter truncates fp32 -> bf16 where a GPU rounds.
+        _close(s.float(), t.bfloat16().float(), "shadow", ulps=2 ** 16)
+        assert float((s.float() - t).abs().max()) > 0 or t.abs().max() == 0  # really bf16
+
+
+def _checkpoint(state: dict) -> dict:
+    """A round trip through torch.save, as a checkpoint makes (no shared tensors)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer)
+
+
+def test_state_dict_loads_into_torch_adamw_and_back() -> None:
+    (params, _, _, opt), (ref, _, _, ref_opt) = _run_both(2)
+    state = _checkpoint(opt.state_dict())
+    assert set(state["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
+    again = torch.optim.AdamW([torch.nn.Parameter(p.detach().clone()) for p in params], **HYPER)
+    again.load_state_dict(state)
+    for i, q in enumerate(again.param_groups[0]["params"]):
+        assert torch.equal(again.state[q]["exp_avg"], opt.state[params[i]]["exp_avg"])
+    fresh = FusedAdamWEMA([torch.nn.Parameter(q.detach().clone()) for q in ref], **HYPER)
+    fresh.load_state_dict(_checkpoint(ref_opt.state_dict()))
+    for i, p in enumerate(fresh.param_groups[0]["params"]):
+        assert float(fresh.state[p]["step"]) == float(ref_opt.state[ref[i]]["step"])
+        assert fresh.state[p]["step"].data_ptr() == fresh._steps[i].data_ptr()
+    # Both continue identically from the loaded state.
+    for p, q, g in zip(fresh.param_groups[0]["params"], ref, _grads(7), strict=True):
+        p.grad, q.grad = g.clone(), g.clone()
+    fresh.step()
+    ref_opt.step()
+    for i, (p, q) in enumerate(zip(fresh.param_groups[0]["params"], ref, strict=True)):
+        _close(p.detach(), q.detach(), f"param {i} after reload")
+
+
+def test_table_is_built_once_and_grads_refreshed() -> None:
+    params, _, _, opt = _setup()
+    for k in range(3):
+        for p, g in zip(params, _grads(0), strict=True):
+            p.grad = g  # fresh grad tensors: new addresses each step
+        opt.step()
+        if k == 0:
+            table = opt._table
+            groups = len(table.groups)
+    assert opt._table is table and len(table.groups) == groups
+    assert table.grad_ptrs == tuple(p.grad.data_ptr() for p in params)
+
+
+def test_bad_arguments_name_what_is_wrong() -> None:
+    params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))]
+    stranger = torch.nn.Parameter(torch.randn(5))
+    with pytest.raises(ValueError, match=r"teacher_pairs\[0\].*not among"):
+        FusedAdamWEMA(params, lr=1e-3, teacher_pairs=[(torch.randn(5), stranger)])
+    with pytest.raises(ValueError, match=r"ema_pairs\[0\]: shape"):
+        FusedAdamWEMA(params, lr=1e-3, ema_pairs=[(torch.randn(3, 4), params[0])])
+    with pytest.raises(TypeError, match=r"params\[0\] must be a contiguous float32"):
+        FusedAdamWEMA([torch.nn.Parameter(torch.randn(3).half())], lr=1e-3)
+    with pytest.raises(ValueError, match="betas"):
+        FusedAdamWEMA(params, lr=1e-3, betas=(0.9, 1.0))
+    opt = FusedAdamWEMA(params, lr=1e-3)
+    with pytest.raises(ValueError, match="teacher_momentum"):
+        opt.step(teacher_momentum=1.5)
+
+
+def test_lowering_cases_cover_the_training_variants() -> None:
+    names = {c.name for c in kernels.lowering_cases()}
+    assert {"optim.adamw_ema.all", "optim.adamw_ema.ema", "optim.adamw_ema.no_grad"} <= names
