@@ -46,8 +46,6 @@ Design choices:
 """
 
 import functools
-import inspect
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +53,6 @@ import triton
 import triton.language as tl
 
 from sdkernels import _checks, _runtime
-from sdkernels._lowering import LoweringCase
 from sdkernels._ops import KernelOp
 
 MAX_FUSED_D = 8192  # a row must fit in registers
@@ -503,65 +500,3 @@ def residual_gate_adaln(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor,
     if _fused(x, y, gate, shift, scale):
         return ResidualGateAdaLNFunction.apply(x, y, gate, shift, scale, eps)
     return residual_gate_adaln_ref(x, y, gate, shift, scale, eps)
-
-
-# ----------------------------------------------------------------------------- lowering
-_FP32_POINTERS = ("MEAN", "RSTD", "PARTIAL")
-_RESIDUAL_POINTERS = ("X", "X_OUT", "DX", "DX_OUT")  # the residual stream's dtype
-_INT_ARGS = ("T", "D", "ROWS_PER_CHUNK", "N_CHUNKS", "VEC_STRIDE")
-# D = 1152 and VEC_STRIDE = B * N_CHUNKS * D are multiples of 16 at XL/2, and a launch
-# specialises on that (T is 205 or 256 and ROWS_PER_CHUNK a multiple of BLOCK_M: left out).
-_DIVISIBLE_INTS = ("D", "VEC_STRIDE")
-# (tag, compute pointer type, residual pointer type): bf16 throughout, the bf16-autocast
-# training path (fp32 residual stream), and fp32 throughout.
-_DTYPE_VARIANTS = (("", "*bf16", "*bf16"), (".mixed", "*bf16", "*fp32"),
-                   (".fp32", "*fp32", "*fp32"))
-
-
-def _signature(kernel: Any, cdtype: str, xdtype: str) -> dict[str, str]:
-    """Triton types of a kernel's arguments: capitalised pointers hold the compute dtype,
-    the residual stream's (X, X_OUT and their grads) or fp32 statistics."""
-    sig = {}
-    for name, param in inspect.signature(kernel.fn).parameters.items():
-        if param.annotation is tl.constexpr:
-            sig[name] = "constexpr"
-        elif name in _INT_ARGS:
-            sig[name] = "i32"
-        elif name == "eps":
-            sig[name] = "fp32"
-        elif name in _FP32_POINTERS:
-            sig[name] = "*fp32"
-        else:
-            sig[name] = xdtype if name in _RESIDUAL_POINTERS else cdtype
-    return sig
-
-
-def _case(name: str, kernel: Any, dtypes: tuple[str, str, str], constexprs: dict[str, Any],
-          warps: int) -> LoweringCase:
-    tag, cdtype, xdtype = dtypes
-    divisible = tuple(n for n in _DIVISIBLE_INTS if n in kernel.arg_names)
-    return LoweringCase(f"adaln.{name}{tag}", kernel, _signature(kernel, cdtype, xdtype),
-                        constexprs, warps, divisible)
-
-
-def lowering_cases() -> list[LoweringCase]:
-    """Every kernel at SD-DiT-XL/2 width (D=1152) with the GPU launch parameters, in bf16,
-    mixed (fp32 residual stream, bf16 compute) and fp32; the backward flag variants that
-    only skip loads lower once, in the mixed training dtypes."""
-    block_d = triton.next_power_of_2(1152)
-    block_m = max(1, _GPU_TILE // block_d)
-    warps = min(8, max(1, block_m * block_d // 256))
-    tile = {"BLOCK_M": block_m, "BLOCK_D": block_d}
-    both = {"HAS_DX_OUT": True, "HAS_DH": True, **tile}
-    cases = []
-    for dtypes in _DTYPE_VARIANTS:
-        cases += [_case("modulate_fwd", _modulate_fwd_kernel, dtypes, tile, warps),
-                  _case("residual_gate_fwd", _residual_fwd_kernel, dtypes, tile, warps),
-                  _case("modulate_bwd", _modulate_bwd_kernel, dtypes, tile, warps),
-                  _case("residual_gate_bwd", _residual_bwd_kernel, dtypes, both, warps),
-                  _case("sum_chunks", _sum_chunks_kernel, dtypes, {"BLOCK_D": 512}, 4)]
-    mixed = _DTYPE_VARIANTS[1]
-    for has_dx_out, has_dh, tag in ((False, True, "_h_only"), (True, False, "_x_out_only")):
-        flags = {"HAS_DX_OUT": has_dx_out, "HAS_DH": has_dh, **tile}
-        cases.append(_case(f"residual_gate_bwd{tag}", _residual_bwd_kernel, mixed, flags, warps))
-    return cases

@@ -48,7 +48,6 @@ Limits: sigma below ~1e-15 overflows lambda in fp32.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import triton
@@ -57,7 +56,6 @@ from torch import Tensor
 
 from sdkernels import _runtime
 from sdkernels._checks import check_float, check_same_device, check_same_dtype
-from sdkernels._lowering import LoweringCase
 from sdkernels._ops import KernelOp
 
 # ----------------------------------------------------------------------------- references
@@ -682,54 +680,3 @@ def edm_loss(F: Tensor, x_noisy: Tensor, x0: Tensor, sigma: Tensor, sigma_data: 
         return _loss_fwd_op(F, x_noisy, x0, sigma.float(), patch_weight,
                      patch_size or 0, sigma_data)
     return edm_loss_ref(F, x_noisy, x0, sigma, sigma_data, patch_weight, patch_size)
-
-
-# ----------------------------------------------------------------------------- lowering
-
-
-_FP32_POINTERS = {"sigma_ptr", "c_noise_ptr", "dsigma_part_ptr", "partial_ptr", "weight_ptr",
-                  "grad_ptr"}
-_FP32_SCALARS = {"sigma_data", "sigma_min", "inv_elems"}
-
-
-def _signature(kernel: Any) -> dict[str, str]:
-    """Triton types of every argument with bf16 tensors (per-sample buffers are fp32)."""
-    def kind(name: str, is_constexpr: bool) -> str:
-        if is_constexpr:
-            return "constexpr"
-        if name.endswith("_ptr"):
-            return "*fp32" if name in _FP32_POINTERS else "*bf16"
-        return "fp32" if name in _FP32_SCALARS else "i32"
-
-    return {p.name: kind(p.name, p.is_constexpr) for p in kernel.params}
-
-
-def lowering_cases() -> list[LoweringCase]:
-    """Every kernel at SD-DiT-XL/2 latents (4 x 32 x 32, patch 2, L = 256) in bf16, with
-    the block sizes the launchers pick on a GPU."""
-    n = 4 * 32 * 32
-    elementwise = dict(BLOCK=min(n, _GPU_ELEMENTWISE_BLOCK))
-    reduction = dict(BLOCK=min(n, _GPU_REDUCTION_BLOCK))
-    pre_bwd = dict(HAS_G_NOISY=True, HAS_G_IN=True, HAS_G_TEACHER=True, WRITE_DX0=True,
-                   WRITE_DNOISE=True)
-    patch = dict(HAS_WEIGHT=True, P=2, L_BLOCK=256)
-    plain = dict(HAS_WEIGHT=False, P=1, L_BLOCK=16)
-    train_bwd = dict(WRITE_DF=True, WRITE_DXN=False, WRITE_DX0=False, NEED_DSIGMA=False)
-    all_bwd = dict(WRITE_DF=True, WRITE_DXN=True, WRITE_DX0=True, NEED_DSIGMA=True)
-    specs = [
-        ("precondition_fwd", _precondition_fwd_kernel, dict(HAS_TEACHER=False, **elementwise)),
-        ("precondition_fwd.teacher", _precondition_fwd_kernel,
-         dict(HAS_TEACHER=True, **elementwise)),
-        ("precondition_bwd", _precondition_bwd_kernel,
-         dict(**pre_bwd, NEED_DSIGMA=False, **elementwise)),
-        ("precondition_bwd.dsigma", _precondition_bwd_kernel,
-         dict(**pre_bwd, NEED_DSIGMA=True, **reduction)),
-        ("loss_fwd", _loss_fwd_kernel, dict(**plain, **reduction)),
-        ("loss_fwd.patch2", _loss_fwd_kernel, dict(**patch, **reduction)),
-        ("loss_bwd", _loss_bwd_kernel, dict(**plain, **train_bwd, **elementwise)),
-        ("loss_bwd.patch2", _loss_bwd_kernel, dict(**patch, **train_bwd, **elementwise)),
-        ("loss_bwd.patch2.all", _loss_bwd_kernel, dict(**patch, **all_bwd, **reduction)),
-    ]
-    return [LoweringCase(f"edm.{name}", kernel, _signature(kernel), constexprs,
-                         num_warps=_launch_config(constexprs["BLOCK"], constexprs["BLOCK"])[1])
-            for name, kernel, constexprs in specs]

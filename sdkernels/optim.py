@@ -44,14 +44,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
 from sdkernels import _runtime
-from sdkernels._lowering import LoweringCase
 
 ROLES = ("param", "grad", "exp_avg", "exp_avg_sq", "teacher", "ema", "shadow")
 _GPU_CHUNK, _GPU_BLOCK = 8192, 1024  # elements per program, per inner iteration
@@ -296,24 +294,3 @@ def adamw_ema_step(table: MultiTensorTable, steps: torch.Tensor, s: StepScalars,
         rows = advanced[0] if len(advanced) == 1 else torch.cat(advanced)
         inc = 1.0 if found_inf is None else (found_inf.reshape(1) == 0).to(torch.float32)
         steps.index_add_(0, rows, torch.ones_like(rows, dtype=torch.float32) * inc)
-
-
-# ----------------------------------------------------------------------------- lowering
-def lowering_cases() -> list[LoweringCase]:
-    """The kernel variants SD-DiT training launches, at the GPU chunk and block sizes."""
-    sig: dict[str, str] = {"ADDR": "*i64", "NUMEL": "*i64", "CHUNKS": "*i32",
-                           "STEPS": "*fp32", "FOUND_INF": "*fp32", "lr": "fp64",
-                           "log_beta1": "fp64", "log_beta2": "fp64"}
-    sig |= {n: "fp32" for n in ("decay", "beta2", "eps", "w_m", "w_v", "w_teacher", "w_ema")}
-    names = ("ADAM", "TEACHER", "EMA", "SHADOW", "HAS_FOUND_INF", "CHUNK", "BLOCK")
-    sig |= {n: "constexpr" for n in names}
-    variants: list[tuple[str, dict[str, Any]]] = [
-        ("all", dict(ADAM=True, TEACHER=True, EMA=True, SHADOW=True, HAS_FOUND_INF=True)),
-        ("ema", dict(ADAM=True, TEACHER=False, EMA=True, SHADOW=False, HAS_FOUND_INF=True)),
-        ("teacher", dict(ADAM=True, TEACHER=True, EMA=False, SHADOW=True, HAS_FOUND_INF=True)),
-        ("adam", dict(ADAM=True, TEACHER=False, EMA=False, SHADOW=False, HAS_FOUND_INF=False)),
-        ("no_grad", dict(ADAM=False, TEACHER=True, EMA=True, SHADOW=False, HAS_FOUND_INF=True)),
-    ]
-    return [LoweringCase(f"optim.adamw_ema.{tag}", _adamw_ema_kernel, sig,
-                         {**flags, "CHUNK": _GPU_CHUNK, "BLOCK": _GPU_BLOCK}, 4)
-            for tag, flags in variants]

@@ -47,7 +47,6 @@ import triton
 import triton.language as tl
 
 from sdkernels import _checks, _runtime
-from sdkernels._lowering import LoweringCase
 from sdkernels._ops import KernelOp
 
 # ---------------------------------------------------------------- references (the spec)
@@ -541,49 +540,3 @@ def scatter_tokens(x_keep: torch.Tensor, ids_keep: torch.Tensor, fill: torch.Ten
     if _runtime.use_triton(x_keep, ids_keep, fill):
         return ScatterTokensFunction.apply(x_keep, ids_keep, fill, length)
     return scatter_tokens_ref(x_keep, ids_keep, fill, length)
-
-
-# ---------------------------------------------------------------- GPU lowering (CI)
-
-
-def _case(name: str, kernel, constexprs: dict, num_warps: int = 4,
-          **ptr_types: str) -> LoweringCase:
-    """Pointers default to bf16 (name them in ptr_types otherwise), other args to i32."""
-    sig = {a: ptr_types.get(a, "*bf16") if a.endswith("_ptr")
-           else "constexpr" if a in constexprs else "i32" for a in kernel.arg_names}
-    return LoweringCase(f"tokens.{name}", kernel, sig, constexprs, num_warps)
-
-
-def lowering_cases() -> list[LoweringCase]:
-    """Every kernel at SD-DiT-XL/2 shapes (L=256, K=205, D=1152, bf16) with the blocks the
-    launchers pick on a GPU: every variant with int32 ids, one per kernel with int64."""
-    L, K, D = 256, 205, 1152
-    r, d = _row_blocks(D, L, interp=False)
-    pos_r, pos_d = _pos_bwd_blocks(D, L, interp=False)
-    rows = {"BLOCK_R": r, "BLOCK_D": d}
-    looked_up = {**rows, "BLOCK_K": _block_k(K, interp=False)}
-    reduce_r, _ = _row_blocks(D, L, False, _REDUCE_TILE_ELEMS_GPU)
-    reduce_blocks = {**looked_up, "BLOCK_R": reduce_r}
-    cases: list[LoweringCase] = []
-    for it in ("i32", "i64"):
-        full = it == "i32"
-        ids = {"ids_ptr": f"*{it}"}
-        for has_pos in (False, True)[: 2 if full else 1]:
-            cases.append(_case(f"gather.{it}{'.pos' * has_pos}", _gather_kernel,
-                               {**rows, "HAS_POS": has_pos}, **ids))
-        for fill in (0, 1, 2) if full else (2,):
-            cases.append(_case(f"scatter.fill{fill}.{it}", _scatter_kernel,
-                               {**looked_up, "FILL": fill}, **ids))
-        for fill_grad, keep in ((1, True), (2, True), (2, False)) if full else ((1, True),):
-            blocks, warps = (reduce_blocks, _REDUCE_WARPS) if fill_grad == 1 else (looked_up, 4)
-            cases.append(_case(f"scatter_bwd.fill{fill_grad}{'.keep' * keep}.{it}",
-                               _scatter_bwd_kernel,
-                               {**blocks, "WRITE_KEEP": keep, "FILL_GRAD": fill_grad},
-                               warps, partial_ptr="*fp32", **ids))
-        for write_dx in (True, False) if full else (True,):
-            cases.append(_case(f"gather_bwd_pos{'.dx' * write_dx}.{it}", _gather_bwd_pos_kernel,
-                               {**looked_up, "BLOCK_R": pos_r, "BLOCK_D": pos_d,
-                                "WRITE_DX": write_dx}, **ids))
-    cases.append(_case("sum_partials", _sum_partials_kernel, {"BLOCK_P": 128, "BLOCK_D": 32},
-                       partial_ptr="*fp32"))
-    return cases

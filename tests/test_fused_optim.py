@@ -15,8 +15,7 @@ import io
 import pytest
 import torch
 
-from sdkernels import _runtime
-from sdkernels import optim as kernels
+from sdkernels import _lowering_cases, _runtime
 from train.fused_optim import FusedAdamWEMA
 
 SHAPES = [(72,), (7, 63), (1152, 3), (1,), (300, 17), (5, 1, 3)]
@@ -204,5 +203,5 @@ def test_bad_arguments_name_what_is_wrong() -> None:
 
 
 def test_lowering_cases_cover_the_training_variants() -> None:
-    names = {c.name for c in kernels.lowering_cases()}
+    names = {c.name for c in _lowering_cases.optim_cases()}
     assert {"optim.adamw_ema.all", "optim.adamw_ema.ema", "optim.adamw_ema.no_grad"} <= names
