@@ -205,3 +205,43 @@ def test_bad_arguments_name_what_is_wrong() -> None:
 def test_lowering_cases_cover_the_training_variants() -> None:
     names = {c.name for c in _lowering_cases.optim_cases()}
     assert {"optim.adamw_ema.all", "optim.adamw_ema.ema", "optim.adamw_ema.no_grad"} <= names
+
+
+def test_teacher_forward_reads_the_shadow_without_weight_casts() -> None:
+    """Inside teacher_in_bf16 the teacher's weights are the bf16 shadows: autocast casts no
+    weight; outside, the fp32 teacher the kernel updates is back in place."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class WeightCasts(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and args[0].dim() == 2:
+                self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    student, teacher = torch.nn.Linear(16, 8), torch.nn.Linear(16, 8)
+    teacher.load_state_dict(student.state_dict())
+    teacher.requires_grad_(False)
+    opt = FusedAdamWEMA(student.parameters(), lr=1e-2, teacher_shadow=True,
+                        teacher_pairs=zip(teacher.parameters(), student.parameters(),
+                                          strict=True))
+    x = torch.randn(2, 4, 16)  # 3-D: only the weight is a 2-D cast
+    for shadowed, expected_casts in ((False, 1), (True, 0)):
+        mode = WeightCasts()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), mode:
+            if shadowed:
+                with opt.teacher_in_bf16():
+                    assert teacher.weight.dtype == torch.bfloat16
+                    out = teacher(x)
+            else:
+                out = teacher(x)
+        assert mode.count == expected_casts and out.dtype == torch.bfloat16
+    assert teacher.weight.dtype == torch.float32
+    student.weight.grad, student.bias.grad = torch.randn(8, 16), torch.randn(8)
+    opt.step(teacher_momentum=0.5)
+    with opt.teacher_in_bf16():
+        assert torch.equal(teacher.weight, opt.teacher_shadows[0][1])
+    # The update reached the module's fp32 teacher and its shadow (one bf16 rounding).
+    assert not torch.equal(teacher.weight, student.weight)
+    _close(opt.teacher_shadows[0][1].float(), teacher.weight.detach(), "shadow", ulps=2 ** 16)

@@ -17,7 +17,9 @@ three ran in that order (AdamW as `torch.optim.AdamW`, both averages as `torch.l
 `found_inf` (a device tensor, nonzero = skip) skips the whole step on the device, with no
 host sync. With `teacher_shadow=True` it also keeps a bf16 copy of every teacher tensor
 (`teacher_shadows`), written by the same pass, for a teacher forward that would otherwise
-cast its fp32 weights to bf16 on every call.
+cast its fp32 weights to bf16 on every call: run that forward inside
+`with opt.teacher_in_bf16():`, which points each teacher parameter at its shadow (no copy)
+and back afterwards.
 
 Checkpoint format: `state_dict()` is `torch.optim.Optimizer`'s, the same layout as
 `torch.optim.AdamW` ({"state": {i: {"step", "exp_avg", "exp_avg_sq"}}, "param_groups":
@@ -32,7 +34,8 @@ teacher and EMA tensors (with FSDP2, use torch.optim.AdamW).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -61,7 +64,9 @@ class FusedAdamWEMA(torch.optim.Optimizer):
         self._params: list[nn.Parameter] = self.param_groups[0]["params"]
         for i, p in enumerate(self._params):
             _check_plain_fp32(f"params[{i}]", p)
+        teacher_pairs = list(teacher_pairs)
         self._teacher = self._pair_up("teacher_pairs", teacher_pairs)
+        self._teacher_params = [t for t, _ in teacher_pairs]  # the modules' own tensors
         self._ema = self._pair_up("ema_pairs", ema_pairs)
         self._shadow = [t.detach().to(torch.bfloat16) if teacher_shadow and t is not None
                         else None for t in self._teacher]
@@ -138,6 +143,24 @@ class FusedAdamWEMA(torch.optim.Optimizer):
         """(fp32 teacher tensor, its bf16 shadow) for every teacher tensor."""
         return [(t, s) for t, s in zip(self._teacher, self._shadow, strict=True)
                 if t is not None and s is not None]
+
+    @contextmanager
+    def teacher_in_bf16(self) -> Iterator[None]:
+        """Inside the block each teacher parameter's data is its bf16 shadow, so autocast
+        finds bf16 weights and casts nothing; outside it is the fp32 tensor the optimizer
+        updates. For the no-grad teacher forward only."""
+        shadow_of = {t.data_ptr(): s for t, s in self.teacher_shadows}
+        swapped = []
+        for t in self._teacher_params:
+            shadow = shadow_of.get(t.data_ptr())
+            if shadow is not None:
+                swapped.append((t, t.data))
+                t.data = shadow
+        try:
+            yield
+        finally:
+            for t, data in swapped:
+                t.data = data
 
     @torch.no_grad()
     def refresh_shadows(self) -> None:
