@@ -180,7 +180,7 @@ def edm_cases() -> list[LoweringCase]:
 # ----------------------------------------------------------------------------- optim
 def optim_cases() -> list[LoweringCase]:
     """The kernel variants SD-DiT training launches, at the GPU chunk and block sizes."""
-    sig: dict[str, str] = {"ADDR": "*i64", "NUMEL": "*i64", "CHUNKS": "*i32",
+    sig: dict[str, str] = {"ADDR": "*i64", "GRADS": "*i64", "NUMEL": "*i64", "CHUNKS": "*i32",
                            "STEPS": "*fp32", "FOUND_INF": "*fp32", "lr": "fp64",
                            "log_beta1": "fp64", "log_beta2": "fp64"}
     sig |= {n: "fp32" for n in ("decay", "beta2", "eps", "w_m", "w_v", "w_teacher", "w_ema")}

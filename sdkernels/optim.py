@@ -118,9 +118,10 @@ def _lerp(a, b, w):
 
 @triton.jit
 def _adamw_ema_kernel(
-    ADDR,  # *i64 [n_tensors, 8] addresses of param, grad, exp_avg, exp_avg_sq, teacher,
-    #        ema, shadow (fp32 but the bf16 shadow; 0 where absent), then the tensor's row
-    #        in STEPS (groups hold subsets of the tensors)
+    ADDR,  # *i64 [n_tensors, 7] addresses of param, exp_avg, exp_avg_sq, teacher, ema,
+    #        shadow (fp32 but the bf16 shadow; 0 where absent), then the tensor's row in
+    #        STEPS (a group holds a subset of the tensors)
+    GRADS,  # *i64 [n_tensors] grad addresses (read only if ADAM): refreshed per step
     NUMEL,  # *i64 [n_tensors] elements per tensor
     CHUNKS,  # *i32 [n_chunks, 2] (tensor index, first element) of each program's chunk
     STEPS,  # *fp32 [all tensors] Adam steps each tensor took before this one (read only)
@@ -131,26 +132,26 @@ def _adamw_ema_kernel(
     HAS_FOUND_INF: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     chunk = tl.program_id(0)  # grid: (n_chunks,)
-    tensor = tl.load(CHUNKS + 2 * chunk)
+    tensor = tl.load(CHUNKS + 2 * chunk).to(tl.int64)
     start = tl.load(CHUNKS + 2 * chunk + 1).to(tl.int64)
     numel = tl.load(NUMEL + tensor)
-    row = ADDR + 8 * tensor.to(tl.int64)
+    row = ADDR + 7 * tensor
     p_ptr = tl.load(row).to(tl.pointer_type(tl.float32))
     if HAS_FOUND_INF:  # a skipped step masks every element: nothing is read or written
         numel = tl.where(tl.load(FOUND_INF) == 0.0, numel, 0)
     if ADAM:
-        g_ptr = tl.load(row + 1).to(tl.pointer_type(tl.float32))
-        m_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
-        v_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
-        step = tl.load(STEPS + tl.load(row + 7)).to(tl.float64) + 1.0
+        g_ptr = tl.load(GRADS + tensor).to(tl.pointer_type(tl.float32))
+        m_ptr = tl.load(row + 1).to(tl.pointer_type(tl.float32))
+        v_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
+        step = tl.load(STEPS + tl.load(row + 6)).to(tl.float64) + 1.0
         step_size = (lr / (1.0 - tl.exp(step * log_beta1))).to(tl.float32)
         bc2_sqrt = tl.sqrt(1.0 - tl.exp(step * log_beta2)).to(tl.float32)
     if TEACHER:
-        t_ptr = tl.load(row + 4).to(tl.pointer_type(tl.float32))
+        t_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
     if EMA:
-        e_ptr = tl.load(row + 5).to(tl.pointer_type(tl.float32))
+        e_ptr = tl.load(row + 4).to(tl.pointer_type(tl.float32))
     if SHADOW:
-        s_ptr = tl.load(row + 6).to(tl.pointer_type(tl.bfloat16))
+        s_ptr = tl.load(row + 5).to(tl.pointer_type(tl.bfloat16))
     for off in range(0, CHUNK, BLOCK):
         idx = start + off + tl.arange(0, BLOCK)
         mask = idx < numel
@@ -175,16 +176,21 @@ def _adamw_ema_kernel(
 
 
 # ----------------------------------------------------------------------------- tables
+_ADDR_ROLES = ("param", "exp_avg", "exp_avg_sq", "teacher", "ema", "shadow")  # + steps row
+Flags = tuple[bool, bool, bool, bool]  # ADAM (has a grad), TEACHER, EMA, SHADOW
+
+
 @dataclass
 class _Group:
     """Tensors sharing one kernel variant: which parts they have, and their tables."""
 
-    flags: tuple[bool, bool, bool, bool]  # ADAM, TEACHER, EMA, SHADOW
+    flags: Flags
     index: list[int]  # positions in the table's tensor list
-    addr: torch.Tensor  # [n, 8] int64, device: ROLES addresses, then the row in `steps`
+    addr: torch.Tensor  # [n, 7] int64, device: _ADDR_ROLES addresses, then the steps row
+    grads: torch.Tensor  # [n] int64, device: grad addresses
     numel: torch.Tensor  # [n] int64, device
     chunks: torch.Tensor  # [n_chunks, 2] int32, device
-    steps_index: torch.Tensor  # [n] int64, device: rows of `steps` this group reads
+    grad_ptrs: tuple[int, ...] = ()  # what `grads` holds, to skip unchanged uploads
 
 
 @dataclass
@@ -194,11 +200,24 @@ class MultiTensorTable:
     tensors: list[dict[str, torch.Tensor | None]]
     chunk: int
     groups: list[_Group] = field(default_factory=list)
-    grad_ptrs: tuple[int, ...] = ()
+    pattern: tuple[bool, ...] = ()  # which tensors had a grad when the groups were built
+    adam_rows: torch.Tensor | None = None  # [n_adam] int64: rows of `steps` Adam advances
+    adam_ones: torch.Tensor | None = None  # [n_adam] fp32 ones
 
 
 def _address(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
+
+
+def _to_device(values: list | torch.Tensor, dtype: torch.dtype,
+               device: torch.device) -> torch.Tensor:
+    """A host list or CPU tensor on `device`. On CUDA through pinned memory and
+    non-blocking, so that refreshing a table never synchronises the host with the GPU."""
+    host = values.to(dtype) if isinstance(values, torch.Tensor) else torch.tensor(values,
+                                                                                 dtype=dtype)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _check_tensor_set(i: int, t: dict[str, torch.Tensor | None]) -> None:
@@ -219,47 +238,74 @@ def _check_tensor_set(i: int, t: dict[str, torch.Tensor | None]) -> None:
 def build_table(tensors: list[dict[str, torch.Tensor | None]]) -> MultiTensorTable:
     """Group the tensor sets by their parts and build the device tables (once; grads are
     refreshed per step by `refresh_grads`)."""
+    if not tensors:
+        raise ValueError("build_table needs at least one tensor set")
     for i, t in enumerate(tensors):
         _check_tensor_set(i, t)
     chunk = _INTERP_CHUNK if _runtime.interpreter_active() else _GPU_CHUNK
     table = MultiTensorTable(tensors, chunk)
-    refresh_grads(table, force=True)
+    refresh_grads(table)
     return table
 
 
-def _flags(t: dict[str, torch.Tensor | None]) -> tuple[bool, bool, bool, bool]:
+def _flags(t: dict[str, torch.Tensor | None]) -> Flags:
     return (t["grad"] is not None, t["teacher"] is not None, t["ema"] is not None,
             t["shadow"] is not None)
 
 
-def _make_group(table: MultiTensorTable, flags: tuple[bool, bool, bool, bool],
-                index: list[int], device: torch.device) -> _Group:
-    rows = [[_address(table.tensors[i].get(r)) for r in ROLES] + [i] for i in index]
-    numel = [table.tensors[i]["param"].numel() for i in index]
-    chunks = [(k, s) for k, n in enumerate(numel) for s in range(0, n, table.chunk)]
-    return _Group(
-        flags, index,
-        addr=torch.tensor(rows, dtype=torch.int64).to(device),
-        numel=torch.tensor(numel, dtype=torch.int64).to(device),
-        chunks=torch.tensor(chunks or [(0, 0)], dtype=torch.int32).reshape(-1, 2).to(device),
-        steps_index=torch.tensor(index, dtype=torch.int64).to(device))
+def _make_group(table: MultiTensorTable, flags: Flags, index: list[int],
+                device: torch.device) -> _Group:
+    rows = [[_address(table.tensors[i].get(r)) for r in _ADDR_ROLES] + [i] for i in index]
+    numel = torch.tensor([table.tensors[i]["param"].numel() for i in index], dtype=torch.int64)
+    per_tensor = (numel + table.chunk - 1) // table.chunk  # chunks of each tensor
+    owner = torch.repeat_interleave(torch.arange(len(index)), per_tensor)  # [n_chunks]
+    first = torch.cumsum(per_tensor, 0) - per_tensor  # each tensor's first chunk
+    starts = (torch.arange(len(owner)) - first[owner]) * table.chunk
+    chunks = torch.stack([owner, starts], dim=1).to(torch.int32)
+    return _Group(flags, index, addr=_to_device(rows, torch.int64, device),
+                  grads=torch.zeros(len(index), dtype=torch.int64, device=device),
+                  numel=_to_device(numel, torch.int64, device),
+                  chunks=_to_device(chunks, torch.int32, device))
 
 
-def refresh_grads(table: MultiTensorTable, force: bool = False) -> None:
-    """Re-read every tensor set's grad (the caller stores it under "grad"); rebuild the
-    groups only when an address changed. Host work only, plus small copies when needed."""
-    ptrs = tuple(_address(t["grad"]) for t in table.tensors)
-    if not force and ptrs == table.grad_ptrs:
-        return
-    for i, t in enumerate(table.tensors):
-        if t["grad"] is not None:
-            _check_tensor_set(i, t)
-    device = table.tensors[0]["param"].device if table.tensors else torch.device("cpu")
-    by_flags: dict[tuple[bool, bool, bool, bool], list[int]] = {}
+def _regroup(table: MultiTensorTable, device: torch.device) -> None:
+    """Rebuild the groups (when the set of tensors with a grad changed: rare)."""
+    by_flags: dict[Flags, list[int]] = {}
     for i, t in enumerate(table.tensors):
         by_flags.setdefault(_flags(t), []).append(i)
-    table.groups = [_make_group(table, f, idx, device) for f, idx in sorted(by_flags.items())]
-    table.grad_ptrs = ptrs
+    table.groups = [_make_group(table, f, idx, device) for f, idx in sorted(by_flags.items())
+                    if f[0] or f[1] or f[2]]  # a set with nothing to update launches nothing
+    rows = [i for g in table.groups if g.flags[0] for i in g.index]
+    table.adam_rows = _to_device(rows, torch.int64, device)
+    table.adam_ones = torch.ones(len(rows), dtype=torch.float32, device=device)
+    table.pattern = tuple(t["grad"] is not None for t in table.tensors)
+
+
+def refresh_grads(table: MultiTensorTable) -> None:
+    """Pick up each tensor set's current grad (the caller stores it under "grad"). Host
+    work: one address comparison per tensor; a small non-blocking upload per group whose
+    grads moved; the groups themselves are rebuilt only when a grad appears or vanishes."""
+    device = table.tensors[0]["param"].device
+    if tuple(t["grad"] is not None for t in table.tensors) != table.pattern:
+        _regroup(table, device)
+    for group in table.groups:
+        if not group.flags[0]:
+            continue
+        ptrs = tuple(table.tensors[i]["grad"].data_ptr() for i in group.index)
+        if ptrs == group.grad_ptrs:
+            continue
+        for i in group.index:
+            _check_grad(i, table.tensors[i])
+        group.grads.copy_(_to_device(list(ptrs), torch.int64, device), non_blocking=True)
+        group.grad_ptrs = ptrs
+
+
+def _check_grad(i: int, t: dict[str, torch.Tensor | None]) -> None:
+    g, p = t["grad"], t["param"]
+    if g.dtype != torch.float32 or not g.is_contiguous() or g.shape != p.shape:
+        raise ValueError(f"tensor {i}: grad must be a contiguous float32 tensor shaped like "
+                         f"its param {list(p.shape)}, got {g.dtype} {list(g.shape)} "
+                         f"(contiguous={g.is_contiguous()})")
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -279,18 +325,14 @@ def adamw_ema_step(table: MultiTensorTable, steps: torch.Tensor, s: StepScalars,
     block = table.chunk if interp else _GPU_BLOCK
     scalars = _scalars(s)
     inf_arg = found_inf if found_inf is not None else steps
-    advanced = []
     for group in table.groups:
         adam, teacher, ema, shadow = group.flags
-        if not (adam or teacher or ema):
-            continue
         _adamw_ema_kernel[(group.chunks.shape[0],)](
-            group.addr, group.numel, group.chunks, steps, inf_arg, *scalars,
+            group.addr, group.grads, group.numel, group.chunks, steps, inf_arg, *scalars,
             ADAM=adam, TEACHER=teacher, EMA=ema, SHADOW=shadow,
             HAS_FOUND_INF=found_inf is not None, CHUNK=table.chunk, BLOCK=block, num_warps=4)
-        if adam:
-            advanced.append(group.steps_index)
-    if advanced:
-        rows = advanced[0] if len(advanced) == 1 else torch.cat(advanced)
-        inc = 1.0 if found_inf is None else (found_inf.reshape(1) == 0).to(torch.float32)
-        steps.index_add_(0, rows, torch.ones_like(rows, dtype=torch.float32) * inc)
+    if table.adam_rows is not None and len(table.adam_rows):
+        ones = table.adam_ones
+        if found_inf is not None:
+            ones = ones * (found_inf.reshape(1) == 0)
+        steps.index_add_(0, table.adam_rows, ones)

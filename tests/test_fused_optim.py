@@ -183,7 +183,14 @@ def test_table_is_built_once_and_grads_refreshed() -> None:
             table = opt._table
             groups = len(table.groups)
     assert opt._table is table and len(table.groups) == groups
-    assert table.grad_ptrs == tuple(p.grad.data_ptr() for p in params)
+    uploaded = {i: ptr for g in table.groups for i, ptr in zip(g.index, g.grad_ptrs,
+                                                              strict=True)}
+    assert uploaded == {i: p.grad.data_ptr() for i, p in enumerate(params)}
+    for g in table.groups:
+        assert g.grads.tolist() == list(g.grad_ptrs)
+    params[4].grad = None  # a grad vanishes: the groups are rebuilt around it
+    opt.step()
+    assert 4 not in {i for g in table.groups if g.flags[0] for i in g.index}
 
 
 def test_bad_arguments_name_what_is_wrong() -> None:

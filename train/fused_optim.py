@@ -125,15 +125,14 @@ class FusedAdamWEMA(torch.optim.Optimizer):
         beta1, beta2 = group["betas"]
         scalars = kernels.StepScalars(group["lr"], beta1, beta2, group["eps"],
                                       group["weight_decay"], teacher_momentum, ema_beta)
-        sets = self._tensor_sets()
         if not _runtime.use_triton(self._params[0]):
-            kernels.adamw_ema_ref(sets, self._steps, scalars, found_inf)
+            kernels.adamw_ema_ref(self._tensor_sets(), self._steps, scalars, found_inf)
             return
         if self._table is None:
-            self._table = kernels.build_table(sets)
-        else:
-            for mine, fresh in zip(self._table.tensors, sets, strict=True):
-                mine["grad"] = fresh["grad"]
+            self._table = kernels.build_table(self._tensor_sets())
+        else:  # per step: only the grads are new
+            for tensors, p in zip(self._table.tensors, self._params, strict=True):
+                tensors["grad"] = p.grad
             kernels.refresh_grads(self._table)
         kernels.adamw_ema_step(self._table, self._steps, scalars, found_inf)
 
