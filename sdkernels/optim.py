@@ -23,8 +23,11 @@ teacher, EMA and shadow (0 where absent) and its element count, plus a chunk tab
 (tensor index, first element) that gives each program one chunk of one tensor, as apex's
 multi_tensor_apply does. Tensors are grouped by which of the parts they have, one launch
 per group with those parts as constexpr flags (typically 2-3 launches for a whole net).
-Grad addresses change when autograd allocates new grads, so they are refreshed per step
-(a host-side comparison; one small host-to-device copy when they moved).
+Grad addresses change when autograd allocates new grads, so they sit in a separate table
+refreshed per step: a host-side comparison, and one small non-blocking upload from pinned
+memory per group whose grads moved (never a host sync). Under CUDA-graph capture keep the
+grads at fixed addresses (`zero_grad(set_to_none=False)` before capturing), so that
+nothing is uploaded inside the captured region.
 
 Design:
 - One read and one write of each state per element: p, m, v, t, e read and written once,
@@ -34,7 +37,10 @@ Design:
 - Bias corrections are computed per program in fp64 from the per-tensor step count on the
   device (so a skipped step needs no host round trip), then rounded to fp32 like the
   Python-float scalars torch passes to its fp32 kernels. Square root and division are
-  IEEE round-to-nearest (`sqrt_rn`, `div_rn`), as torch's CPU and CUDA kernels compute.
+  IEEE round-to-nearest (`sqrt_rn`, `div_rn`), as torch's CPU and CUDA kernels compute;
+  lerp is an fma as in torch's vectorised CPU kernel. Agreement with torch.optim.AdamW is
+  to a few ulps, not bitwise: torch's own fused and single-tensor AdamW differ by about
+  an ulp, and the interpreter's fma is unfused. The torch fallback is torch, bitwise.
 - Element-wise only: bitwise deterministic.
 Limits: fp32 parameters and states (AMP-style master weights); one table per set of
 tensors (rebuild it after replacing any tensor, e.g. loading optimizer state).
