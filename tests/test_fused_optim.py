@@ -252,3 +252,40 @@ def test_teacher_forward_reads_the_shadow_without_weight_casts() -> None:
     # The update reached the module's fp32 teacher and its shadow (one bf16 rounding).
     assert not torch.equal(teacher.weight, student.weight)
     _close(opt.teacher_shadows[0][1].float(), teacher.weight.detach(), "shadow", ulps=2 ** 16)
+
+
+@pytest.mark.timeout(120)
+def test_replaces_adamw_update_teacher_and_ema_on_a_tiny_sddit() -> None:
+    """One pass equals today's three calls on a real SD-DiT: optimizer.step(),
+    net.update_teacher(m) (foreach mul + add: within an ulp of lerp) and ema.update."""
+    import model
+    from train.ema import SamplingEMA
+    from train.fused_optim import sddit_pairs
+
+    torch.manual_seed(0)
+    nets = [model.build("SD-DiT-tiny", input_size=8) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    emas = [SamplingEMA(n) for n in nets]
+    trainable = [[p for p in n.parameters() if p.requires_grad] for n in nets]
+    teacher_pairs, ema_pairs = sddit_pairs(nets[0], emas[0].module)
+    assert len(teacher_pairs) > 0 and len(ema_pairs) == len(trainable[0])
+    fused = FusedAdamWEMA(trainable[0], **HYPER, teacher_pairs=teacher_pairs,
+                          ema_pairs=ema_pairs)
+    plain = torch.optim.AdamW(trainable[1], **HYPER, foreach=False)
+    x0, y = torch.randn(2, 1, 8, 8), torch.randint(0, 10, (2,))
+    for _ in range(2):
+        for p, q in zip(*trainable, strict=True):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        fused.step(teacher_momentum=MOMENTUM, ema_beta=BETA)
+        plain.step()
+        nets[1].update_teacher(MOMENTUM)
+        emas[1].update(nets[1], BETA)
+    for (name, a), b in zip(nets[0].state_dict().items(), nets[1].state_dict().values(),
+                            strict=True):
+        _close(a, b, name, ulps=8)
+    for (name, a), b in zip(emas[0].module.state_dict().items(),
+                            emas[1].module.state_dict().values(), strict=True):
+        _close(a, b, f"ema {name}", ulps=8)
+    with torch.no_grad():  # and the net still runs
+        assert torch.isfinite(nets[0].training_losses(x0, y)["loss"])

@@ -184,6 +184,27 @@ class FusedAdamWEMA(torch.optim.Optimizer):
         self._table = None
 
 
+def sddit_pairs(net: nn.Module, ema_module: nn.Module | None = None
+                ) -> tuple[list[Pair], list[Pair]]:
+    """(teacher_pairs, ema_pairs) for a net from `model.build`: the teacher's tensors with
+    the student tensors `net.update_teacher` averages (none without a teacher), and the
+    sampling EMA copy's parameters with the net's trainable parameters of the same name,
+    as `train.ema.SamplingEMA.update` pairs them (none without `ema_module`)."""
+    teacher_pairs: list[Pair] = []
+    if getattr(net, "teacher", None) is not None:
+        teachers, students = net.teacher.pairs(net.backbone, net.head)
+        teacher_pairs = list(zip(teachers, students, strict=True))
+    ema_pairs: list[Pair] = []
+    if ema_module is not None:
+        from train.ema import clean_name
+
+        mine = dict(ema_module.named_parameters())
+        for name, p in net.named_parameters():
+            if p.requires_grad:
+                ema_pairs.append((mine[clean_name(name)], p))
+    return teacher_pairs, ema_pairs
+
+
 def _check_plain_fp32(name: str, t: torch.Tensor) -> None:
     if hasattr(t, "to_local"):
         raise TypeError(f"{name} is a distributed tensor: FusedAdamWEMA supports plain "
