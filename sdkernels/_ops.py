@@ -6,7 +6,8 @@ fake (shape/dtype) implementations. Eager calls do not go through `torch.ops`: t
 dispatcher and the dynamo-disable wrapper around a custom op's Python kernel cost tens of
 microseconds of host time per call, more than a small kernel takes on a GPU, and a DiT
 step makes hundreds of these calls. So `KernelOp.__call__` runs the launcher directly
-unless dynamo is tracing, when it emits the registered op.
+unless dynamo is tracing or a Python dispatch mode is active, when it calls the registered
+op.
 
 `record_calls()` lists the dtypes every launcher receives and returns (tests of the
 mixed-precision path); when no recorder is active it costs one global lookup per call.
@@ -49,6 +50,9 @@ def record_calls() -> Iterator[list[OpCall]]:
         _recorder = previous
 
 
+_dispatch_modes: Callable[[], int] = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 0)
+
+
 def _dtypes(values: Any) -> tuple[torch.dtype | None, ...]:
     items = values if isinstance(values, tuple | list) else (values,)
     return tuple(v.dtype if isinstance(v, torch.Tensor) else None for v in items)
@@ -73,7 +77,9 @@ class KernelOp:
     def __call__(self, *args: Any) -> Any:
         if torch.compiler.is_compiling():
             return self.traced(*args)
-        out = self.launcher(*args)
+        # Under a Python dispatch mode (FakeTensorMode, FlopCounterMode, a test's spy) the
+        # op goes through torch.ops, so the mode sees it and fake tensors get the fake impl.
+        out = self.traced(*args) if _dispatch_modes() else self.launcher(*args)
         if _recorder is not None:
             outputs = tuple(d for d in _dtypes(out) if d is not None)
             _recorder.append(OpCall(self.name, _dtypes(args), outputs))

@@ -47,11 +47,18 @@ def test_every_family_registers_through_kernel_op() -> None:
         assert op.traced is getattr(torch.ops.sdkernels, name)
 
 
-def test_eager_calls_skip_the_dispatcher_and_are_recorded() -> None:
+def test_eager_calls_skip_the_dispatcher_and_are_recorded(monkeypatch) -> None:
     assert sdkernels.current_backend(torch.zeros(1)) == "triton"
-    with _ops.record_calls() as calls, _OpNames() as mode:
+    dispatched: list[str] = []
+    real = _ops.KernelOp.traced
+
+    def spy(self):
+        dispatched.append(self.name)
+        return real.fget(self)
+
+    monkeypatch.setattr(_ops.KernelOp, "traced", property(spy))
+    with _ops.record_calls() as calls:
         _one_of_each()
-    dispatched = [n for n in mode.names if n.startswith("sdkernels")]
     assert not dispatched, f"eager calls went through torch.ops: {dispatched}"
     recorded = {c.name for c in calls}
     assert {"adaln_residual_gate_fwd", "adaln_residual_gate_bwd", "tokens_gather",
@@ -60,6 +67,24 @@ def test_eager_calls_skip_the_dispatcher_and_are_recorded() -> None:
     fwd = next(c for c in calls if c.name == "adaln_residual_gate_fwd")
     assert fwd.inputs[:5] == (torch.float32,) * 5 and fwd.inputs[5] is None  # eps
     assert fwd.outputs == (torch.float32,) * 4  # x_out, h, mean, rstd
+
+
+def test_dispatch_modes_see_the_registered_ops() -> None:
+    """Under a Python dispatch mode the ops go through torch.ops: the mode sees them, and
+    fake tensors get the fake implementation instead of reaching a kernel."""
+    with _OpNames() as mode:
+        _one_of_each()
+    seen = {n.split(".")[1] for n in mode.names if n.startswith("sdkernels")}
+    assert {"adaln_residual_gate_fwd", "adaln_residual_gate_bwd", "tokens_gather",
+            "edm_loss_fwd"} <= seen, seen
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(2, 7, 72)
+        y, gate, shift, scale = torch.empty(2, 7, 72, dtype=torch.bfloat16), *(
+            torch.empty(2, 72, dtype=torch.bfloat16) for _ in range(3))
+        x_out, h = sdkernels.residual_gate_adaln(x, y, gate, shift, scale)
+    assert (x_out.dtype, h.dtype, tuple(h.shape)) == (torch.float32, torch.bfloat16, (2, 7, 72))
 
 
 def test_recording_stops_with_the_block() -> None:
