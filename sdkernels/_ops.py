@@ -53,6 +53,13 @@ def record_calls() -> Iterator[list[OpCall]]:
 _dispatch_modes: Callable[[], int] = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 0)
 
 
+def needs_autograd(*tensors: torch.Tensor | None) -> bool:
+    """Whether a gradient can flow: if not, a public op calls its forward KernelOp directly
+    and skips the autograd.Function (its host overhead and saved tensors), as the teacher's
+    no-grad forward and sampling do."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _dtypes(values: Any) -> tuple[torch.dtype | None, ...]:
     items = values if isinstance(values, tuple | list) else (values,)
     return tuple(v.dtype if isinstance(v, torch.Tensor) else None for v in items)

@@ -53,7 +53,7 @@ import triton
 import triton.language as tl
 
 from sdkernels import _checks, _runtime
-from sdkernels._ops import KernelOp
+from sdkernels._ops import KernelOp, needs_autograd
 
 MAX_FUSED_D = 8192  # a row must fit in registers
 _MAX_GRID_B = 65535  # samples run on grid axis 1
@@ -486,6 +486,8 @@ def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
     x is fp32 or shares shift/scale's dtype; the result takes shift/scale's dtype."""
     _check_inputs(eps, {"x": x}, {"shift": shift, "scale": scale})
     if _fused(x, shift, scale):
+        if not needs_autograd(x, shift, scale):
+            return _modulate_fwd(x, shift, scale, eps)[0]
         return AdaLNModulateFunction.apply(x, shift, scale, eps)
     return adaln_modulate_ref(x, shift, scale, eps)
 
@@ -498,5 +500,8 @@ def residual_gate_adaln(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor,
     dtype, h the compute dtype."""
     _check_inputs(eps, {"x": x, "y": y}, {"gate": gate, "shift": shift, "scale": scale})
     if _fused(x, y, gate, shift, scale):
+        if not needs_autograd(x, y, gate, shift, scale):
+            x_out, h, _, _ = _residual_fwd(x, y, gate, shift, scale, eps)
+            return x_out, h
         return ResidualGateAdaLNFunction.apply(x, y, gate, shift, scale, eps)
     return residual_gate_adaln_ref(x, y, gate, shift, scale, eps)

@@ -56,7 +56,7 @@ from torch import Tensor
 
 from sdkernels import _runtime
 from sdkernels._checks import check_float, check_same_device, check_same_dtype
-from sdkernels._ops import KernelOp
+from sdkernels._ops import KernelOp, needs_autograd
 
 # ----------------------------------------------------------------------------- references
 
@@ -560,11 +560,6 @@ class EDMLossFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------- public ops
 
 
-def _needs_autograd(*tensors: Tensor) -> bool:
-    """Skip the autograd.Function (host overhead) when no gradient can flow."""
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
 def _check_sigma(sigma: object, batch: int) -> Tensor:
     if not isinstance(sigma, Tensor):
         raise TypeError(f"sigma must be a torch.Tensor, got {type(sigma).__name__}")
@@ -653,7 +648,7 @@ def edm_precondition(x0: Tensor, noise: Tensor, sigma: Tensor, sigma_min: float 
     if check:
         _check_values(sigma, None)
     if _runtime.use_triton(x0, noise, sigma):
-        if _needs_autograd(x0, noise, sigma):
+        if needs_autograd(x0, noise, sigma):
             return EDMPreconditionFunction.apply(x0, noise, sigma.float(), sigma_data, sigma_min)
         return tuple(_precondition_fwd_op(x0, noise, sigma.float(),
                            sigma_data, sigma_min))
@@ -674,7 +669,7 @@ def edm_loss(F: Tensor, x_noisy: Tensor, x0: Tensor, sigma: Tensor, sigma_data: 
     if check:
         _check_values(sigma, patch_weight)
     if _runtime.use_triton(F, x_noisy, x0, sigma):
-        if _needs_autograd(F, x_noisy, x0, sigma):
+        if needs_autograd(F, x_noisy, x0, sigma):
             return EDMLossFunction.apply(F, x_noisy, x0, sigma.float(), patch_weight,
                                          patch_size or 0, sigma_data)
         return _loss_fwd_op(F, x_noisy, x0, sigma.float(), patch_weight,

@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from sdkernels import _checks, _runtime
-from sdkernels._ops import KernelOp
+from sdkernels._ops import KernelOp, needs_autograd
 
 # ---------------------------------------------------------------- references (the spec)
 
@@ -509,6 +509,8 @@ def gather_tokens(x: torch.Tensor, ids_keep: torch.Tensor, pos: torch.Tensor | N
     _check_ids(ids_keep, B, None, L, check_ids)
     tensors = (x, ids_keep) if pos is None else (x, ids_keep, pos)
     if _runtime.use_triton(*tensors):
+        if not needs_autograd(x, pos):
+            return _gather_op(x, ids_keep, pos)
         return GatherTokensFunction.apply(x, ids_keep, pos)
     return gather_tokens_ref(x, ids_keep, pos)
 
@@ -538,5 +540,7 @@ def scatter_tokens(x_keep: torch.Tensor, ids_keep: torch.Tensor, fill: torch.Ten
     _checks.check_same_dtype(x_keep=x_keep, fill=fill)
     _check_ids(ids_keep, B, K, length, check_ids)
     if _runtime.use_triton(x_keep, ids_keep, fill):
+        if not needs_autograd(x_keep, fill):
+            return _scatter_op(x_keep, ids_keep, fill, length)
         return ScatterTokensFunction.apply(x_keep, ids_keep, fill, length)
     return scatter_tokens_ref(x_keep, ids_keep, fill, length)

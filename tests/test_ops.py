@@ -92,3 +92,31 @@ def test_recording_stops_with_the_block() -> None:
         pass
     _one_of_each()
     assert calls == []
+
+
+def test_no_grad_calls_skip_the_autograd_function() -> None:
+    """Without a gradient to compute, every family calls its forward op directly (no
+    autograd.Function, no saved tensors), with the same results as the autograd path."""
+    B, T, D = 2, 7, 72
+    x, y = torch.randn(B, T, D), torch.randn(B, T, D, dtype=torch.bfloat16)
+    vecs = [torch.randn(B, D, dtype=torch.bfloat16) for _ in range(3)]
+    ids = torch.stack([torch.randperm(T)[:4].sort().values for _ in range(B)])
+    x0, sigma = torch.randn(B, 4, 8, 8), torch.rand(B) + 0.1
+
+    def run_all(grad: bool) -> list[torch.Tensor]:
+        leaves = [t.clone().requires_grad_(grad) for t in (x, y, *vecs, x0)]
+        x_out, h = sdkernels.residual_gate_adaln(*leaves[:5])
+        h2 = sdkernels.adaln_modulate(x_out, *leaves[3:5])
+        kept = sdkernels.gather_tokens(h2, ids, check_ids=False)
+        back = sdkernels.scatter_tokens(kept, ids, h2, check_ids=False)
+        _, x_in, _ = sdkernels.edm_precondition(leaves[5], leaves[5], sigma, check=False)
+        return [x_out, h, h2, kept, back, x_in]
+
+    with _ops.record_calls() as calls:
+        plain = run_all(grad=False)
+    assert all(t.grad_fn is None for t in plain)
+    names = [c.name for c in calls]
+    assert names == ["adaln_residual_gate_fwd", "adaln_modulate_fwd", "tokens_gather",
+                     "tokens_scatter", "edm_precondition_fwd"], names
+    for a, b in zip(plain, run_all(grad=True), strict=True):
+        assert b.grad_fn is not None and torch.equal(a, b.detach())
