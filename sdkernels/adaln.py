@@ -18,9 +18,9 @@ Shapes: x, y [B, T, D]; shift, scale, gate [B, D].
 Dtypes (mixed precision): y, gate, shift and scale share one compute dtype C (fp32, fp16
 or bf16); the residual stream x is either C or fp32. x_out takes x's dtype, h (the next
 Linear's input) takes C, and every gradient takes its input's dtype. So under bf16
-autocast the residual stream stays fp32 (16 bytes per element in and out of each fused
-sub-block step) while the branch output, the modulation vectors and h stay bf16, with no
-cast kernel on either side. All arithmetic, statistics and token sums run in fp32, with
+autocast the residual stream stays fp32 while the branch output, the modulation vectors
+and h stay bf16, with no cast kernel on either side: the forward of residual_gate_adaln
+moves 12 bytes per element (x and x_out 4 each, y and h 2 each). All arithmetic, statistics and token sums run in fp32, with
 one rounding on each store.
 
 Limits: the fused path needs 1 <= D <= MAX_FUSED_D (8192) and B <= 65535 (grid axis 1);
