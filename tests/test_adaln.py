@@ -298,17 +298,23 @@ def test_bad_inputs_name_the_argument() -> None:
 
 # ----------------------------------------------------------------------------- GPU only
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", [*DTYPES, "mixed"], ids=str)
 @pytest.mark.parametrize("T", [205, 256])
-def test_gpu_full_size_matches_reference(T: int, dtype: torch.dtype) -> None:
+def test_gpu_full_size_matches_reference(T: int, dtype: torch.dtype | str) -> None:
+    """The "mixed" layout is bf16-autocast training's: fp32 x, everything else bf16."""
     B, D = 32, 1152
-    inputs = [t.to(dtype) for t in residual_inputs(B, T, D, "cuda")]
-    grads = [torch.randn(B, T, D, device="cuda").to(dtype) for _ in range(2)]
+    if dtype == "mixed":
+        inputs = mixed(residual_inputs(B, T, D, "cuda"), torch.bfloat16)
+        grads = [torch.randn(B, T, D, device="cuda"),
+                 torch.randn(B, T, D, device="cuda").bfloat16()]
+    else:
+        inputs = [t.to(dtype) for t in residual_inputs(B, T, D, "cuda")]
+        grads = [torch.randn(B, T, D, device="cuda").to(dtype) for _ in range(2)]
     check_against_reference(fused_residual, residual_gate_adaln_ref, inputs, grads,
                             RESIDUAL_NAMES)
     modulate = [inputs[0], inputs[3], inputs[4]]
-    check_against_reference(fused_modulate, adaln_modulate_ref, modulate, grads[:1],
-                            MODULATE_NAMES)
+    dh = grads[1:] if dtype == "mixed" else grads[:1]  # the grad of h, in h's dtype
+    check_against_reference(fused_modulate, adaln_modulate_ref, modulate, dh, MODULATE_NAMES)
 
 
 @pytest.mark.gpu

@@ -116,3 +116,18 @@ def test_attention_module_records_the_choice(monkeypatch) -> None:
     layer(torch.randn(2, 5, 24))
     assert layer.last_backend == "sdpa_cudnn"
     assert [c.backend for c in A.attention_choices()] == ["sdpa_cudnn"]
+
+
+@pytest.mark.gpu
+def test_gpu_auto_times_real_kernels_and_matches_math() -> None:
+    """SD-DiT-XL/2's attention shape (head dim 72): every candidate is timed with CUDA
+    events, the winner ran, and it computes what the math backend computes."""
+    q, k, v = (torch.randn(4, 205, 16, 72, device="cuda", dtype=torch.bfloat16,
+                           requires_grad=True) for _ in range(3))
+    chooser = A.BackendChooser()
+    best = A.choose_auto(q, k, v, A._importable_backends(), chooser, can_time=True)
+    (choice,) = chooser.choices.values()
+    assert best == min(choice.timings_ms, key=choice.timings_ms.get)
+    print(f"\nattention auto at {choice.key}: {best}; ms: {choice.timings_ms}")
+    torch.testing.assert_close(A.BACKENDS[best](q, k, v).float(), A._math(q, k, v).float(),
+                               rtol=2e-2, atol=2e-2)

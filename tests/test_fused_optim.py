@@ -289,3 +289,37 @@ def test_replaces_adamw_update_teacher_and_ema_on_a_tiny_sddit() -> None:
         _close(a, b, f"ema {name}", ulps=8)
     with torch.no_grad():  # and the net still runs
         assert torch.isfinite(nets[0].training_losses(x0, y)["loss"])
+
+
+# ----------------------------------------------------------------------------- GPU only
+@pytest.mark.gpu
+def test_gpu_matches_torch_and_never_syncs_the_host() -> None:
+    """On CUDA: the same agreement with torch.optim.AdamW + lerp, and steady-state steps
+    (grads moving, found_inf given) make no host-device synchronisation."""
+    dev = torch.device("cuda")
+    shapes = [(1152, 3456), (1152,), (7, 63), (1,)]
+    params = [torch.nn.Parameter(torch.randn(s, device=dev)) for s in shapes]
+    teachers = [p.detach() + 0.1 * torch.randn_like(p) for p in params]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    ref_t = [t.clone() for t in teachers]
+    opt = FusedAdamWEMA(params, **HYPER, teacher_pairs=list(zip(teachers, params, strict=True)),
+                        teacher_shadow=True)
+    ref_opt = torch.optim.AdamW(ref, **HYPER, foreach=False)
+    found_inf = torch.zeros(1, device=dev)
+    for k in range(4):
+        for p, q in zip(params, ref, strict=True):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        if k >= 1:  # the first step builds the tables (small blocking copies)
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step(teacher_momentum=MOMENTUM, found_inf=found_inf)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        ref_opt.step()
+        with torch.no_grad():
+            for t, q in zip(ref_t, ref, strict=True):
+                t.lerp_(q, 1 - MOMENTUM)
+    for i, (p, q, t, rt) in enumerate(zip(params, ref, teachers, ref_t, strict=True)):
+        _close(p.detach(), q.detach(), f"param {i}", ulps=4)
+        _close(t, rt, f"teacher {i}", ulps=4)
