@@ -10,6 +10,7 @@ The torch fallback path runs torch's own op sequence and must agree bitwise.
 
 from __future__ import annotations
 
+import contextlib
 import io
 
 import pytest
@@ -245,9 +246,11 @@ def test_teacher_forward_reads_the_shadow_without_weight_casts() -> None:
                 out = teacher(x)
         assert mode.count == expected_casts and out.dtype == torch.bfloat16
     assert teacher.weight.dtype == torch.float32
+    with opt.teacher_in_bf16():  # no bf16 autocast: fp32 weights stay, as fp32 math needs
+        assert teacher.weight.dtype == torch.float32
     student.weight.grad, student.bias.grad = torch.randn(8, 16), torch.randn(8)
     opt.step(teacher_momentum=0.5)
-    with opt.teacher_in_bf16():
+    with torch.autocast("cpu", dtype=torch.bfloat16), opt.teacher_in_bf16():
         assert torch.equal(teacher.weight, opt.teacher_shadows[0][1])
     # The update reached the module's fp32 teacher and its shadow (one bf16 rounding).
     assert not torch.equal(teacher.weight, student.weight)
@@ -287,8 +290,18 @@ def test_replaces_adamw_update_teacher_and_ema_on_a_tiny_sddit() -> None:
     for (name, a), b in zip(emas[0].module.state_dict().items(),
                             emas[1].module.state_dict().values(), strict=True):
         _close(a, b, f"ema {name}", ulps=8)
-    with torch.no_grad():  # and the net still runs
-        assert torch.isfinite(nets[0].training_losses(x0, y)["loss"])
+    # The teacher's forward on the shadows gives what autocast's casts of fp32 gave: the
+    # shadows are those casts (up to the interpreter's truncating bf16 store).
+    fused.refresh_shadows()  # round to nearest, exactly as autocast's casts
+    losses, buffers = [], {n: b.clone() for n, b in nets[0].named_buffers()}
+    for shadowed in (False, True):
+        torch.manual_seed(3)
+        for name, b in nets[0].named_buffers():  # the loss updates the teacher centre
+            b.copy_(buffers[name])
+        context = fused.teacher_in_bf16() if shadowed else contextlib.nullcontext()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), context:
+            losses.append(nets[0].training_losses(x0, y)["dis"])
+    assert torch.isfinite(losses[1]) and torch.equal(losses[0], losses[1])
 
 
 # ----------------------------------------------------------------------------- GPU only

@@ -147,7 +147,13 @@ class FusedAdamWEMA(torch.optim.Optimizer):
     def teacher_in_bf16(self) -> Iterator[None]:
         """Inside the block each teacher parameter's data is its bf16 shadow, so autocast
         finds bf16 weights and casts nothing; outside it is the fp32 tensor the optimizer
-        updates. For the no-grad teacher forward only."""
+        updates. For the no-grad teacher forward only, and only under bf16 autocast (which
+        accepts bf16 weights everywhere): without it the block changes nothing."""
+        device_type = self._params[0].device.type
+        if not (torch.is_autocast_enabled(device_type)
+                and torch.get_autocast_dtype(device_type) == torch.bfloat16):
+            yield
+            return
         shadow_of = {t.data_ptr(): s for t, s in self.teacher_shadows}
         swapped = []
         for t in self._teacher_params:
