@@ -20,8 +20,8 @@ or bf16); the residual stream x is either C or fp32. x_out takes x's dtype, h (t
 Linear's input) takes C, and every gradient takes its input's dtype. So under bf16
 autocast the residual stream stays fp32 while the branch output, the modulation vectors
 and h stay bf16, with no cast kernel on either side: the forward of residual_gate_adaln
-moves 12 bytes per element (x and x_out 4 each, y and h 2 each). All arithmetic, statistics and token sums run in fp32, with
-one rounding on each store.
+moves 12 bytes per element (x and x_out 4 each, y and h 2 each). All arithmetic,
+statistics and token sums run in fp32, with one rounding on each store.
 
 Limits: the fused path needs 1 <= D <= MAX_FUSED_D (8192) and B <= 65535 (grid axis 1);
 wider rows and empty inputs take the reference. Inputs and grads of any stride are
