@@ -78,6 +78,9 @@ class RunConfig:
     compile: bool = False
     activation_checkpointing: bool = False
     use_kernels: Literal["auto", "on", "off"] = "auto"  # auto: Triton on CUDA only
+    # One multi-tensor pass for AdamW, the teacher momentum and the sampling EMA
+    # (train/fused_optim.py); auto: on CUDA for SD-DiT-style nets without FSDP2.
+    fused_optimizer: Literal["auto", "on", "off"] = "auto"
     progress_bar: bool = True
     tensorboard: bool = True
 
