@@ -41,7 +41,12 @@ from train import distributed as D
 from train.config import Config, ConfigError, save_resolved, to_dict
 from train.ema import SamplingEMA, ema_beta
 from train.logging_utils import GpuTelemetry, MetricsLogger, plot_loss_curve, read_jsonl
-from train.optim import build_optimizer, learning_rate
+from train.optim import (
+    build_fused_optimizer,
+    build_optimizer,
+    learning_rate,
+    wants_fused_optimizer,
+)
 from train.resume import config_changes, plan_resume
 from train.signals import StopSignals
 from train.step import StepSettings, TrainStep
@@ -205,11 +210,15 @@ def _set_up(cfg: Config, info: D.DistInfo, net: nn.Module | None, batches,
         D.shard_fsdp2(ema.module, info)
     if cfg.run.compile:
         loss_module.compile()
-    optimizer = build_optimizer([p for p in net.parameters() if p.requires_grad], cfg.optim,
-                                device)
+    autocast = autocast_context(cfg, device)
+    if wants_fused_optimizer(cfg.run.fused_optimizer, device, net, D.is_sharded(net)):
+        optimizer = build_fused_optimizer(net, ema.module, cfg.optim,
+                                          teacher_shadow=isinstance(autocast, torch.autocast))
+    else:
+        optimizer = build_optimizer([p for p in net.parameters() if p.requires_grad],
+                                    cfg.optim, device)
     step_fn = TrainStep(net, loss_module, optimizer, ema, info,
-                        StepSettings(cfg.optim.grad_clip, cfg.schedule.batch_size),
-                        autocast_context(cfg, device))
+                        StepSettings(cfg.optim.grad_clip, cfg.schedule.batch_size), autocast)
     telemetry = GpuTelemetry(device)
     notes = notes + logger.notes + ([telemetry.note] if telemetry.note else [])
     return Session(cfg, info, batches, net, ema, optimizer, step_fn,
@@ -226,6 +235,8 @@ def _restore(s: Session, state: dict | None) -> Progress:
         D.load_full_model_state(s.net, state["model"])
         D.load_full_model_state(s.ema.module, state["ema"])
         D.load_full_optimizer_state(s.net, s.optimizer, state["optimizer"])
+        if hasattr(s.optimizer, "refresh_shadows"):  # bf16 teacher copies of loaded weights
+            s.optimizer.refresh_shadows()
         progress = Progress(step=state["step"], images_seen=state["images_seen"],
                             skipped=state["skipped_steps"], elapsed_before=state["elapsed_s"],
                             epoch=state["data"]["epoch"], position=state["data"]["position"],
@@ -418,7 +429,7 @@ def train(cfg: Config, *, resume: bool | str = False, stop_after: int | None = N
 def _announce(s: Session, p: Progress, resumed_from: str | None) -> None:
     if not s.info.is_main:
         return
-    save_resolved(s.cfg, s.cfg.run.dir)
+    save_resolved(s.cfg, s.cfg.run.dir, p.step)
     s.logger.log({"event": "start", "step": p.step, "world_size": s.info.world_size,
                   "device": str(s.info.device), "resumed_from": resumed_from,
                   "num_params": sum(q.numel() for q in s.step_fn.params),

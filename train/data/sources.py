@@ -169,22 +169,27 @@ class _EpochBatchSampler(torch.utils.data.Sampler):
 WORKER_START_METHOD = "forkserver"
 
 
+def worker_options(num_workers: int, persistent: bool) -> dict:
+    """DataLoader arguments that start workers from the clean forkserver (see above)."""
+    if num_workers == 0:
+        return {}
+    context = multiprocessing.get_context(WORKER_START_METHOD)
+    # The server imports the data layer (torch, numpy, PIL) once; each worker is then a
+    # cheap fork of that clean process. Takes effect when the server first starts.
+    context.set_forkserver_preload(["train.data"])
+    return dict(multiprocessing_context=context, persistent_workers=persistent)
+
+
 class LoaderBatches(SourceBase):
     """A map-style dataset read through a torch DataLoader driven by the epoch sampler."""
 
     def __init__(self, dataset: torch.utils.data.Dataset, sampler: EpochSampler, *,
                  num_workers: int, **kwargs):
         super().__init__(sampler, **kwargs)
-        workers = {}
-        if num_workers > 0:
-            context = multiprocessing.get_context(WORKER_START_METHOD)
-            # The server imports this module (torch, numpy, PIL) once; each worker is then
-            # a cheap fork of that clean process. Takes effect when the server first starts.
-            context.set_forkserver_preload([__name__])
-            workers = dict(multiprocessing_context=context, persistent_workers=True)
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=_EpochBatchSampler(self), num_workers=num_workers,
-            pin_memory=torch.device(self.device).type == "cuda", **workers)
+            pin_memory=torch.device(self.device).type == "cuda",
+            **worker_options(num_workers, persistent=True))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for step, (x, y) in enumerate(self.loader, start=self.start_step):
