@@ -1,4 +1,4 @@
-"""The `sddit` command line: train | sample | prepare-latents | eval | demo.
+"""The `sddit` command line: train | sample | prepare-latents | eval | demo | bench | profile.
 
     sddit train --config configs/tiny.toml --set schedule.total_steps=500 --set optim.lr=3e-4
     sddit train --config configs/tiny.toml --resume            # continue run.dir's newest
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from bench.cli import add_bench_parser, add_profile_parser, run_bench, run_profile
 from sddit.demo import add_demo_parser, run_demo
 from sddit.eval import add_eval_parser, run_eval
 from train.data.latents import add_prepare_latents_parser, run_prepare_latents
@@ -81,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers.choices["eval"].set_defaults(func=run_eval)
     add_demo_parser(subparsers)
     subparsers.choices["demo"].set_defaults(func=run_demo)
+    add_bench_parser(subparsers).set_defaults(func=run_bench)
+    add_profile_parser(subparsers).set_defaults(func=run_profile)
     return parser
 
 

@@ -10,26 +10,11 @@ import os
 import re
 import subprocess
 import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
-
-@dataclass(frozen=True)
-class LoweringCase:
-    """One kernel at one specialisation: `signature` maps every argument to a Triton type
-    ("*bf16", "i32", "fp32", or "constexpr"), and `constexprs` gives the constexpr values."""
-
-    name: str
-    kernel: Any
-    signature: dict[str, str]
-    constexprs: dict[str, Any] = field(default_factory=dict)
-    num_warps: int = 4
-    # Integer arguments whose launch values are multiples of 16 (e.g. D = 1152): a real
-    # launch specialises on that, so the lowering should too.
-    divisible_ints: tuple[str, ...] = ()
-    # Launch values of integer arguments (e.g. {"D": 1152, "K": 205}); each is specialised
-    # by Triton's own launch rule (see `specialise`). Names without a value stay plain ints.
-    launch_ints: dict[str, int] = field(default_factory=dict)
+from sdkernels import _lowering_cases
+from sdkernels._lowering_cases import LoweringCase
 
 
 @dataclass(frozen=True)
@@ -129,10 +114,7 @@ CAPABILITIES = (80, 90)
 
 
 def all_cases() -> list[LoweringCase]:
-    """Every family's cases, from `_lowering_cases` (imported here: it imports the op
-    modules, which must not run at import of this module)."""
-    from sdkernels import _lowering_cases
-
+    """Every family's cases (`_lowering_cases`, which this module imports one way)."""
     return _lowering_cases.all_cases()
 
 

@@ -10,13 +10,31 @@ helpers on purpose, since it must lower exactly what the launcher runs.
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass, field
 from typing import Any
 
 import triton
 import triton.language as tl
 
 from sdkernels import adaln, edm, optim, tokens
-from sdkernels._lowering import LoweringCase
+
+
+@dataclass(frozen=True)
+class LoweringCase:
+    """One kernel at one specialisation: `signature` maps every argument to a Triton type
+    ("*bf16", "i32", "fp32", or "constexpr"), and `constexprs` gives the constexpr values."""
+
+    name: str
+    kernel: Any
+    signature: dict[str, str]
+    constexprs: dict[str, Any] = field(default_factory=dict)
+    num_warps: int = 4
+    # Integer arguments whose launch values are multiples of 16 (e.g. D = 1152): a real
+    # launch specialises on that, so the lowering should too.
+    divisible_ints: tuple[str, ...] = ()
+    # Launch values of integer arguments (e.g. {"D": 1152, "K": 205}); each is specialised
+    # by Triton's own launch rule (see `specialise`). Names without a value stay plain ints.
+    launch_ints: dict[str, int] = field(default_factory=dict)
 
 # ----------------------------------------------------------------------------- adaln
 _ADALN_FP32_POINTERS = ("MEAN", "RSTD", "PARTIAL")
