@@ -324,3 +324,43 @@ def test_sigterm_under_torchrun_saves_one_checkpoint_agreed_by_both_ranks(tmp_pa
     assert len(state["rng"]) == 2 and state["step"] == saved[0][0] >= 2
     end = [r for r in read_jsonl(str(run / "metrics.jsonl")) if r["event"] == "end"]
     assert end and end[-1]["stopped_by"] == "signal"
+
+
+def test_the_graphed_step_body_equals_the_eager_step_on_cpu(tmp_path):
+    """run.cuda_graphs replays TrainStep's own body through static buffers and tensor
+    scalars; without a GPU the same plumbing runs eagerly and must match the plain step
+    bit for bit (scalars exactly representable in fp32, as a tensor holds them)."""
+    from train import loop
+    from train.distributed import DistInfo
+    from train.graphs import GraphedStep, check_cuda_graphs
+
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    cfg = tiny_config(tmp_path, "run.fused_optimizer='off'")
+    runs = []
+    for graphed in (False, True):
+        s = loop._set_up(cfg, info, None, small_batches(), [])
+        step = GraphedStep(s.step_fn, capture=False) if graphed else s.step_fn
+        stream = loop.DataStream(s.batches)
+        torch.manual_seed(1)
+        stats = []
+        for k in range(4):
+            x, y = stream.next()
+            if k == 2:  # a skipped step goes through the same device-side path
+                x = torch.full_like(x, float("nan"))
+            stats.append(step(x, y, 2.0**-10 * (k + 1), 0.75, 0.5))
+        runs.append((torch.stack(stats), s.net.state_dict(), s.ema.module.state_dict()))
+    (stats_a, net_a, ema_a), (stats_b, net_b, ema_b) = runs
+    assert torch.equal(stats_a.nan_to_num(-1), stats_b.nan_to_num(-1))
+    assert stats_a[2, -1] == 0 and stats_a[3, -1] == 1  # skipped, then applied
+    for a, b in ((net_a, net_b), (ema_a, ema_b)):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    on = tiny_config(tmp_path, "run.cuda_graphs=true")
+    with pytest.raises(ConfigError, match="needs a CUDA device"):
+        check_cuda_graphs(on, torch.device("cpu"), 1)
+    with pytest.raises(ConfigError, match="one GPU"):
+        check_cuda_graphs(on, torch.device("cuda", 0), 2)
+    with pytest.raises(ConfigError, match="mask_ratio_jitter"):
+        check_cuda_graphs(tiny_config(tmp_path, "run.cuda_graphs=true",
+                                      'model.name="MDT-tiny"',
+                                      "model.overrides={mask_ratio_jitter=0.2}"),
+                          torch.device("cuda", 0), 1)

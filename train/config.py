@@ -81,6 +81,8 @@ class RunConfig:
     # One multi-tensor pass for AdamW, the teacher momentum and the sampling EMA
     # (train/fused_optim.py); auto: on CUDA for SD-DiT-style nets without FSDP2.
     fused_optimizer: Literal["auto", "on", "off"] = "auto"
+    # Capture the whole step as one CUDA graph (train/graphs.py says where that holds).
+    cuda_graphs: bool = False
     progress_bar: bool = True
     tensorboard: bool = True
 

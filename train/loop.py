@@ -40,6 +40,7 @@ from train import checkpoint as ckpt
 from train import distributed as D
 from train.config import Config, ConfigError, save_resolved, to_dict
 from train.ema import SamplingEMA, ema_beta
+from train.graphs import GraphedStep, check_cuda_graphs
 from train.logging_utils import GpuTelemetry, MetricsLogger, plot_loss_curve, read_jsonl
 from train.optim import (
     build_fused_optimizer,
@@ -119,7 +120,7 @@ class Session:
     net: nn.Module
     ema: SamplingEMA
     optimizer: torch.optim.Optimizer
-    step_fn: TrainStep
+    step_fn: TrainStep | GraphedStep
     build_record: dict
     logger: MetricsLogger
     telemetry: GpuTelemetry
@@ -166,7 +167,9 @@ def autocast_context(cfg: Config, device: torch.device):
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
     if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        # Graph capture needs autocast's weight-cast cache off (train/graphs.py).
+        return torch.autocast(device.type, dtype=torch.bfloat16,
+                              cache_enabled=not cfg.run.cuda_graphs)
     return contextlib.nullcontext()
 
 
@@ -211,7 +214,8 @@ def _set_up(cfg: Config, info: D.DistInfo, net: nn.Module | None, batches,
     if cfg.run.compile:
         loss_module.compile()
     autocast = autocast_context(cfg, device)
-    if wants_fused_optimizer(cfg.run.fused_optimizer, device, net, D.is_sharded(net)):
+    fused_mode = "off" if cfg.run.cuda_graphs else cfg.run.fused_optimizer
+    if wants_fused_optimizer(fused_mode, device, net, D.is_sharded(net)):
         optimizer = build_fused_optimizer(net, ema.module, cfg.optim,
                                           teacher_shadow=isinstance(autocast, torch.autocast))
     else:
@@ -219,6 +223,8 @@ def _set_up(cfg: Config, info: D.DistInfo, net: nn.Module | None, batches,
                                     cfg.optim, device)
     step_fn = TrainStep(net, loss_module, optimizer, ema, info,
                         StepSettings(cfg.optim.grad_clip, cfg.schedule.batch_size), autocast)
+    if cfg.run.cuda_graphs:
+        step_fn = GraphedStep(step_fn)
     telemetry = GpuTelemetry(device)
     notes = notes + logger.notes + ([telemetry.note] if telemetry.note else [])
     return Session(cfg, info, batches, net, ema, optimizer, step_fn,
@@ -403,6 +409,7 @@ def train(cfg: Config, *, resume: bool | str = False, stop_after: int | None = N
     if cfg.schedule.batch_size % info.world_size:
         raise ConfigError(f"schedule.batch_size {cfg.schedule.batch_size} is not divisible "
                           f"by the {info.world_size} ranks")
+    check_cuda_graphs(cfg, info.device, info.world_size)
     plan = plan_resume(cfg.run.dir, resume, fresh, info)
     state = ckpt.load_checkpoint(plan.path) if plan.path else None
     notes = list(plan.notes)
