@@ -461,11 +461,13 @@ def _run_steps(s: Session, p: Progress, stop_after: int | None, signals: StopSig
                               _teacher_momentum(s.net, p.step, plan),
                               ema_beta(cfg.ema, p.images_seen, sched.batch_size))
             window.append(p.step, stats)
-            p.step, p.images_seen, steps_this_run = p.step + 1, p.images_seen + sched.batch_size, \
-                steps_this_run + 1
+            p.step += 1
+            p.images_seen += sched.batch_size
             p.epoch, p.position = stream.epoch, stream.position
+            steps_this_run += 1
             if bar is not None:
-                bar.total = plan if sched.max_minutes > 0 else bar.total
+                if sched.max_minutes > 0:  # a time budget's ETA aims at the planned length
+                    bar.total = plan
                 bar.update(1)
             _periodic(s, p, window, bar, plan, time.monotonic() - start)
             stopped = _should_stop(s, p, signals, planned, stop_after, steps_this_run)
