@@ -7,7 +7,7 @@
 What is timed is `train.step.TrainStep`, the loop's own step: forward (loss module under
 autocast), backward, global grad norm with clipping, the finite check, the optimizer, SD-DiT's
 teacher momentum and the sampling EMA, preceded by the loop's `net.set_progress` call. It is
-built by the loop's own set-up (`train.loop._set_up`, default config: optimizer, wrappers,
+built by the loop's own set-up (`train.loop.set_up`, default config: optimizer, wrappers,
 compile, autocast), for one process, with the model built directly on the device.
 
 Paths, in one process (each on a fresh model with the same seed):
@@ -75,14 +75,14 @@ class Rig:
 
 def build_rig(name: str, path: str, batch: int, device: torch.device, seed: int = 0,
               overrides: dict[str, Any] | None = None) -> Rig:
-    """The loop's own set-up (`train.loop._set_up`: sampling EMA, wrappers, compile,
+    """The loop's own set-up (`train.loop.set_up`: sampling EMA, wrappers, compile,
     optimizer, TrainStep, autocast) for `name`, with the model built on `device` and a
     device-resident batch of its shape."""
     import model
     from sdkernels._runtime import current_backend
     from train import distributed as D
     from train.config import Config
-    from train.loop import _set_up
+    from train.loop import set_up
 
     use_kernels, compiled = PATH_FLAGS[path]
     cfg = Config()
@@ -98,7 +98,7 @@ def build_rig(name: str, path: str, batch: int, device: torch.device, seed: int 
         net = model.build(name, use_kernels=use_kernels, **(overrides or {})).to(device)
     batches = batch_source(net, batch, device, seed)
     info = D.DistInfo(rank=0, world_size=1, local_rank=0, device=device)
-    session = _set_up(cfg, info, net, batches, [])
+    session = set_up(cfg, info, net, batches, [])
     session.logger.close()
     shutil.rmtree(cfg.run.dir, ignore_errors=True)
     x, y = next(iter(batches))

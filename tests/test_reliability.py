@@ -338,7 +338,7 @@ def test_the_graphed_step_body_equals_the_eager_step_on_cpu(tmp_path):
     cfg = tiny_config(tmp_path, "run.fused_optimizer='off'")
     runs = []
     for graphed in (False, True):
-        s = loop._set_up(cfg, info, None, small_batches(), [])
+        s = loop.set_up(cfg, info, None, small_batches(), [])
         step = GraphedStep(s.step_fn, capture=False) if graphed else s.step_fn
         stream = loop.DataStream(s.batches)
         torch.manual_seed(1)

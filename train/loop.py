@@ -184,9 +184,11 @@ def rank_seed(seed: int, rank: int) -> int:
     return seed + 1_000_003 * rank
 
 
-def _set_up(cfg: Config, info: D.DistInfo, net: nn.Module | None, batches,
+def set_up(cfg: Config, info: D.DistInfo, net: nn.Module | None, batches,
             notes: list[str]) -> Session:
-    """Data, model (same init on every rank), sampling EMA, wrappers, optimizer, step."""
+    """Data, model (same init on every rank), sampling EMA, wrappers, optimizer, step: what
+    a run trains with. Public so that `sddit bench step` and `sddit profile` time and
+    profile exactly the loop's step."""
     device = info.device
     local_batch = cfg.schedule.batch_size // info.world_size
     logger = MetricsLogger(cfg.run.dir, enabled=info.is_main, tensorboard=cfg.run.tensorboard)
@@ -415,7 +417,7 @@ def train(cfg: Config, *, resume: bool | str = False, stop_after: int | None = N
     notes = list(plan.notes)
     if state is not None:
         notes += config_changes(state["config"], to_dict(cfg), allow_config_change)
-    s = _set_up(cfg, info, net, batches, notes)
+    s = set_up(cfg, info, net, batches, notes)
     progress = _restore(s, state)
     progress.last_ckpt = plan.path
     del state
