@@ -92,8 +92,10 @@ def test_plugs_into_a_command_line_and_the_group_takes_new_entries(monkeypatch) 
     a new `sddit bench` subcommand is one BENCH_COMMANDS entry."""
     import argparse
 
+    from bench import step as step_module
+
     monkeypatch.setitem(cli.BENCH_COMMANDS, "step-again",
-                        ("bench.step", "add_step_arguments", "run_step", "the same, twice"))
+                        (step_module.add_step_arguments, step_module.run_step, "the same, twice"))
     parser = argparse.ArgumentParser(prog="sddit")
     sub = parser.add_subparsers(dest="command", required=True)
     cli.add_bench_parser(sub).set_defaults(func=cli.run_bench)
