@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import os
 
+import numerics
 import numpy as np
 import pytest
 import torch
+from numerics import model_batch
 from torch.utils.flop_counter import FlopCounterMode
 
 import model
@@ -26,17 +28,11 @@ def micro(**overrides) -> model.DiffusionTransformer:
 
 
 def perturb_(net: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * scale)
+    numerics.perturb_(net, scale, seed)
 
 
 def batch(net, n: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
-    c = net.config
-    gen = torch.Generator().manual_seed(5)
-    return (torch.randn(n, c.in_channels, c.input_size, c.input_size, generator=gen),
-            torch.randint(0, c.num_classes, (n,), generator=gen))
+    return model_batch(net, n, seed=5)
 
 
 # ----------------------------------------------------------------------------- structure
