@@ -22,7 +22,7 @@ test: setup
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 demo: setup
-	$(PY) -m train.cli demo $(DEMO_ARGS)
+	$(PY) -m sddit demo $(DEMO_ARGS)
 
 lint: setup
 	$(PY) -m ruff check .

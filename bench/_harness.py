@@ -95,11 +95,16 @@ def backward_fn(fn: Callable[..., Any], inputs: Inputs) -> Callable[[], Any]:
 
 
 def git_commit() -> str:
+    """SDDIT_COMMIT when set (a tree copied without .git, as on the lent GPU), else git's
+    HEAD, else "unknown"."""
+    if os.environ.get("SDDIT_COMMIT"):
+        return os.environ["SDDIT_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("SDDIT_COMMIT", "unknown")
+                              check=True, timeout=10,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def environment() -> dict[str, Any]:

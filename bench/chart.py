@@ -654,34 +654,21 @@ def verdict(finals: dict, mask: list[dict], curves: dict) -> dict[str, Any]:
 
 def time_training_step(name: str, overrides: dict, batch: int, steps: int, warmup: int,
                        device: torch.device) -> dict[str, Any]:
-    """Median wall time of full training steps (forward, backward, AdamW, teacher update)
-    on synthetic data of the model's shape; bf16 autocast and the kernels on CUDA."""
-    from bench.train_step import make_step
+    """Median wall time of the training loop's own step (bench/step.py: forward, backward,
+    optimizer, teacher momentum, sampling EMA) on synthetic data of the model's shape;
+    bf16 autocast and the kernels on CUDA."""
+    from bench.step import build_rig, time_steps
 
-    cuda = device.type == "cuda"
-    net = model.build(name, **{**overrides, "use_kernels": cuda}).to(device)
-    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4,
-                            fused=cuda)
-    step = make_step(net, net.training_losses, opt, device)
-    c = net.config
-    x0 = torch.randn(batch, c.in_channels, c.input_size, c.input_size, device=device)
-    y = torch.randint(0, c.num_classes, (batch,), device=device)
-    times = []
-    for i in range(warmup + steps):
-        if cuda:
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        step(x0, y)
-        if cuda:
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - started)
-    seconds = statistics.median(times)
+    rig = build_rig(name, "kernels" if device.type == "cuda" else "eager", batch, device,
+                    overrides=overrides)
+    times_ms, _ = time_steps(rig, warmup, steps)
+    seconds = statistics.median(times_ms) / 1e3
+    c = rig.net.config
     return {"model": name, "batch_per_device": batch, "steps_per_s": 1 / seconds,
             "images_per_s": batch / seconds,
             "train_gflops_per_image": model.flops_per_image(c, train=True) / 1e9,
             "encoder_patches": model.encoder_patches(c), "tokens": c.num_tokens,
-            "params": sum(p.numel() for p in net.parameters() if p.requires_grad)}
+            "params": sum(p.numel() for p in rig.net.parameters() if p.requires_grad)}
 
 
 def throughput_only(settings: Settings, steps: int = 20, warmup: int = 5) -> int:

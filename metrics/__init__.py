@@ -1,5 +1,9 @@
 """Evaluation: FID, Inception Score and improved precision/recall with the FID Inception-v3.
 
+Layer: sdkernels <- model <- data <- **metrics** (beside train) <- bench <- sddit. It imports
+model and train.data (image files, the sample quantiser, animal-mnist); never the rest of
+train, bench or sddit. `sddit eval` (sddit/eval.py) is its command line.
+
 Which network gives the numbers
 -------------------------------
 By default the TorchScript file ``default_1.pt`` shipped by the PyPI package
@@ -19,7 +23,7 @@ own ways, so expect small differences between their numbers and ours.
 Use
 ---
 - ``sddit eval --ckpt RUN --num 2000 --ref animal-mnist --out eval.json`` (or
-  ``python -m metrics.cli ...``; ``torchrun --nproc-per-node G -m metrics.cli ...`` splits the
+  ``python -m sddit eval ...``; ``torchrun --nproc-per-node G -m sddit eval ...`` splits the
   seeds over GPUs). ``--samples DIR|FILE.npz`` scores images produced elsewhere.
 - ``metrics.evaluate_net(net_ema, num_samples=1000, reference="animal-mnist")["fid"]``.
 - ``--ref animal-mnist`` is the 9,000-image train split; ``animal-mnist:test`` the held-out
@@ -55,7 +59,6 @@ from metrics.inception import (
     extract_features,
     load_network,
     preprocess,
-    samples_to_uint8,
 )
 from metrics.reference import Reference, load_reference, read_reference_npz, save_reference
 from metrics.statistics import (
@@ -67,6 +70,7 @@ from metrics.statistics import (
     manifold_radii,
     precision_recall,
 )
+from train.data.images import samples_to_uint8  # noqa: E402  (re-exported: FID's quantiser)
 
 __all__ = [
     "FEATURE_DIM",

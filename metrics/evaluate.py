@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from metrics.inception import InceptionNetwork, load_network, samples_to_uint8
+from metrics.inception import InceptionNetwork, load_network
 from metrics.reference import Reference, load_reference
 from metrics.statistics import (
     RunningStatistics,
@@ -28,6 +28,7 @@ from metrics.statistics import (
     inception_score,
     precision_recall,
 )
+from train.data.images import samples_to_uint8
 
 Sampler = Callable[..., torch.Tensor]
 

@@ -88,11 +88,6 @@ def file_sha256(path: str) -> str:
     return _sha256_cached(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
 
 
-def samples_to_uint8(samples: torch.Tensor) -> torch.Tensor:
-    """float samples in [-1, 1] -> uint8, as EDM saves images: floor(127.5 x + 128), clipped."""
-    if not torch.is_floating_point(samples):
-        raise TypeError(f"samples must be a float tensor in [-1, 1], got {samples.dtype}")
-    return (samples.to(torch.float32) * 127.5 + 128.0).clamp(0, 255).to(torch.uint8)
 
 
 def as_nchw_uint8(images: np.ndarray | torch.Tensor) -> torch.Tensor:

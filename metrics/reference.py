@@ -32,9 +32,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from metrics.inception import InceptionNetwork, as_nchw_uint8, file_sha256, samples_to_uint8
+from metrics.inception import InceptionNetwork, as_nchw_uint8, file_sha256
 from metrics.statistics import RunningStatistics
-from train.data import IMAGE_EXTENSIONS
+from train.data.images import IMAGE_EXTENSIONS, samples_to_uint8
 
 ANIMAL_MNIST = "animal-mnist"
 
@@ -243,7 +243,7 @@ def parse_animal_mnist(spec: str) -> tuple[str, int | None]:
 
 def animal_mnist_images(split: str, count: int | None) -> np.ndarray:
     """uint8 [N, 32, 32]: the split, or its first `count` under a fixed permutation."""
-    from train.animal_mnist import load_animal_mnist
+    from train.data.animal_mnist import load_animal_mnist
 
     images, _ = load_animal_mnist(split)
     if count is not None:

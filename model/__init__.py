@@ -1,6 +1,10 @@
 """SD-DiT, DiT, MaskDiT and MDT as configurations of one network, with EDM preconditioning
 and sampling. `METHODS` lists the methods in the chart's order.
 
+Layer: sdkernels <- **model** <- data <- train, metrics <- bench <- sddit. It imports torch
+and sdkernels only; the network is written for one device (parallelism is applied from
+outside, in train/distributed.py).
+
     net = model.build("SD-DiT-XL/2", use_kernels=True)
     losses = net.training_losses(x0, y)          # {"loss", "gen", "dis"}
     net.update_teacher(model.teacher_momentum(step, total_steps))

@@ -7,6 +7,15 @@ Preference order, by what is importable and by the tensors at hand:
 4. math                                    explicit softmax(q k^T / sqrt(Dh)) v, fp32 softmax
 Attention runs only over the tokens it is given (the kept tokens in masked training), so
 every sample has the same length and no varlen path is needed.
+
+`attention="auto"` on CUDA is measured, not assumed: the first eager call at each shape
+(B, T, H, Dh, dtype, grad or not) times forward (+ backward when q needs a grad) of every
+candidate that supports it: flash-attn and xformers when importable, and SDPA pinned to
+each of its flash, cuDNN and memory-efficient kernels (for head dim 72 flash pads to 96,
+and on H100 cuDNN is often faster). The fastest is cached per shape and used from then on;
+`attention_choices()` reports every decision with its timings. Where timing cannot run
+(CPU, torch.compile tracing, CUDA-graph capture) a cached choice is still used, else the
+static order above.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ import importlib.util
 import logging
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cache
 
 import torch
@@ -102,6 +112,20 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return out.transpose(1, 2)  # [B, T, H, Dh]
 
 
+def _sdpa_pinned(kernel: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """SDPA restricted to one kernel ("FLASH_ATTENTION", ...): it errors if unsupported."""
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, Dh]
+        with sdpa_kernel([getattr(SDPBackend, kernel)]):
+            out = F.scaled_dot_product_attention(q, k, v)
+        return out.transpose(1, 2)  # [B, T, H, Dh]
+
+    run.__name__ = f"_sdpa_{kernel.lower()}"
+    return run
+
+
 def _math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     scale = 1.0 / math.sqrt(q.shape[-1])
     scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale  # [B, H, T, T]
@@ -114,13 +138,135 @@ BACKENDS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.T
     "xformers": _xformers,
     "sdpa": _sdpa,
     "math": _math,
+    # Timed candidates of "auto" on CUDA, not names a config can ask for.
+    "sdpa_flash": _sdpa_pinned("FLASH_ATTENTION"),
+    "sdpa_cudnn": _sdpa_pinned("CUDNN_ATTENTION"),
+    "sdpa_efficient": _sdpa_pinned("EFFICIENT_ATTENTION"),
 }
+SDPA_PINNED = ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient")
+ShapeKey = tuple[int, int, int, int, str, str, bool]
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One measured decision: the backend and every candidate's time in ms (inf: failed)."""
+
+    key: ShapeKey
+    backend: str
+    timings_ms: dict[str, float]
+
+
+def cuda_timer(fn: Callable[[], object], warmup: int = 2, reps: int = 5) -> float:
+    """Median milliseconds of fn() on the current CUDA stream (CUDA events)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+class BackendChooser:
+    """Picks the fastest candidate per shape by timing each once; `timer(fn) -> ms` is
+    injectable (tests), the default uses CUDA events."""
+
+    def __init__(self, timer: Callable[[Callable[[], object]], float] | None = None) -> None:
+        self.timer = timer or cuda_timer
+        self.choices: dict[ShapeKey, Choice] = {}
+
+    @staticmethod
+    def key(q: torch.Tensor) -> ShapeKey:
+        B, T, H, Dh = q.shape
+        return (B, T, H, Dh, str(q.dtype), str(q.device), q.requires_grad)
+
+    def cached(self, q: torch.Tensor) -> str | None:
+        choice = self.choices.get(self.key(q))
+        return None if choice is None else choice.backend
+
+    def choose(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               candidates: list[str]) -> str:
+        key = self.key(q)
+        if key in self.choices:
+            return self.choices[key].backend
+        timings = {name: self._time(name, q, k, v) for name in candidates}
+        best = min(candidates, key=lambda name: timings[name])
+        if math.isinf(timings[best]):
+            raise RuntimeError(f"no attention backend ran at shape {key}: {candidates}")
+        self.choices[key] = Choice(key, best, timings)
+        log.info("attention auto at %s: %s (ms: %s)", key, best,
+                 ", ".join(f"{n}={t:.3f}" for n, t in timings.items()))
+        return best
+
+    def _time(self, name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> float:
+        """Forward, plus backward when q needs a grad, on detached copies of q, k, v."""
+        fn = BACKENDS[name]
+        grad = q.requires_grad
+        q, k, v = (t.detach().clone().requires_grad_(grad) for t in (q, k, v))
+
+        def step() -> None:
+            with torch.enable_grad():
+                out = fn(q, k, v)
+                if grad:
+                    out.backward(torch.ones_like(out))
+
+        try:
+            return float(self.timer(step))
+        except RuntimeError as exc:  # this kernel does not support the shape/dtype/device
+            log.info("attention auto: %s unavailable at %s: %s", name, self.key(q), exc)
+            return math.inf
+
+
+_CHOOSER = BackendChooser()
+
+
+def attention_choices() -> list[Choice]:
+    """Every measured "auto" decision of this process, with the candidates' timings."""
+    return list(_CHOOSER.choices.values())
+
+
+def auto_candidates(q: torch.Tensor, available: tuple[str, ...]) -> list[str]:
+    """What "auto" times for q: the importable backends that support it, with SDPA split
+    into its pinned kernels (math is never the fastest on CUDA and is left out)."""
+    names = []
+    for name in available:
+        if name == "sdpa":
+            names += list(SDPA_PINNED)
+        elif name != "math" and supports(name, q):
+            names.append(name)
+    return names
+
+
+def _can_time(q: torch.Tensor) -> bool:
+    return (q.is_cuda and not torch.compiler.is_compiling()
+            and not torch.cuda.is_current_stream_capturing())
+
+
+def choose_auto(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                available: tuple[str, ...], chooser: BackendChooser | None = None,
+                can_time: bool | None = None) -> str:
+    """The backend "auto" runs q on: measured once per shape where timing can run, the
+    cached measurement elsewhere, else the static preference order."""
+    chooser = chooser or _CHOOSER
+    cached = chooser.cached(q)
+    if cached is not None:
+        return cached
+    if can_time if can_time is not None else _can_time(q):
+        return chooser.choose(q, k, v, auto_candidates(q, available))
+    return resolve_backend("auto", q, available)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto",
               available: tuple[str, ...] | None = None) -> tuple[torch.Tensor, str]:
     """q, k, v: [B, T, H, Dh] -> ([B, T, H, Dh], the backend used)."""
-    chosen = resolve_backend(backend, q, available)
+    if backend == "auto":
+        chosen = choose_auto(q, k, v, available or _importable_backends())
+    else:
+        chosen = resolve_backend(backend, q, available)
     if not torch.compiler.is_compiling():  # log once per choice, outside traced code
         _log_choice(chosen, q.device.type, q.dtype)
     return BACKENDS[chosen](q, k, v), chosen

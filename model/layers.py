@@ -20,13 +20,27 @@ LN_EPS = 1e-6
 
 
 # ----------------------------------------------------------------------------- token ops
+# Mixed precision: under bf16 autocast the residual stream x stays fp32 (the embedding adds
+# the fp32 position table), while Linear outputs (the branch output y and the adaLN
+# vectors) are bf16. The fused ops take exactly that layout, so neither side is cast: x
+# stays fp32 in and out, and h comes back in bf16, ready for the next Linear.
+
+
+def _compute_dtype(x: torch.Tensor, branch: torch.Tensor) -> torch.dtype:
+    """The dtype the fused ops compute in: the branch's, unless x (the residual stream)
+    is neither fp32 nor that dtype (a half-precision model fed fp32 vectors), then x's."""
+    return branch.dtype if x.dtype in (torch.float32, branch.dtype) else x.dtype
+
+
 def modulate_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, fused: bool
                   ) -> torch.Tensor:
-    """LayerNorm(x) * (1 + scale) + shift; x [B, T, D], shift/scale [B, D]."""
+    """LayerNorm(x) * (1 + scale) + shift; x [B, T, D], shift/scale [B, D]. Fused, the
+    result takes shift/scale's (compute) dtype."""
     if fused:
         import sdkernels
 
-        return sdkernels.adaln_modulate(x, shift.to(x.dtype), scale.to(x.dtype), LN_EPS)
+        dtype = _compute_dtype(x, shift)
+        return sdkernels.adaln_modulate(x, shift.to(dtype), scale.to(dtype), LN_EPS)
     h = F.layer_norm(x, x.shape[-1:], eps=LN_EPS)  # [B, T, D]
     return h * (1 + scale[:, None]) + shift[:, None]
 
@@ -34,13 +48,19 @@ def modulate_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, fus
 def residual_gate_norm(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor,
                        shift: torch.Tensor | None, scale: torch.Tensor | None, fused: bool
                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """x + gate * y, and the next sub-block's modulated input when shift/scale are given."""
+    """x + gate * y, and the next sub-block's modulated input when shift/scale are given.
+    The residual stream keeps x's dtype; `.to` below is a no-op in the usual layouts."""
     if shift is None or scale is None:
-        return x + gate[:, None].to(x.dtype) * y.to(x.dtype), None
+        if x.dtype != torch.float32:  # keep a low-precision stream in its own dtype
+            y, gate = y.to(x.dtype), gate.to(x.dtype)
+        # No cast kernel of y: the product stays in y's dtype and the add promotes to x's
+        # fp32 on the fly (addcmul would be cast by autocast, which "promotes" it).
+        return x + gate[:, None].to(y.dtype) * y, None
     if fused:
         import sdkernels
 
-        return sdkernels.residual_gate_adaln(x, *(t.to(x.dtype) for t in (y, gate, shift, scale)),
+        dtype = _compute_dtype(x, y)
+        return sdkernels.residual_gate_adaln(x, *(t.to(dtype) for t in (y, gate, shift, scale)),
                                              eps=LN_EPS)
     x = x + gate[:, None] * y  # [B, T, D]
     return x, modulate_norm(x, shift, scale, fused=False)

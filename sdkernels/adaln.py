@@ -14,9 +14,14 @@ Backward (xhat = (x - mean) * rstd, dxhat = dy * (1 + scale_b)):
     dx = rstd * (dxhat - mean_D(dxhat) - xhat * mean_D(dxhat * xhat))
     dshift_b = sum_t dy_bt,  dscale_b = sum_t dy_bt * xhat_bt,  dgate_b = sum_t dx_out_bt * y_bt
 
-Shapes: x, y [B, T, D]; shift, scale, gate [B, D]. Every float input shares one dtype
-(fp32, fp16 or bf16); outputs take that dtype. All arithmetic, statistics and token sums
-run in fp32, with one rounding on each store.
+Shapes: x, y [B, T, D]; shift, scale, gate [B, D].
+Dtypes (mixed precision): y, gate, shift and scale share one compute dtype C (fp32, fp16
+or bf16); the residual stream x is either C or fp32. x_out takes x's dtype, h (the next
+Linear's input) takes C, and every gradient takes its input's dtype. So under bf16
+autocast the residual stream stays fp32 while the branch output, the modulation vectors
+and h stay bf16, with no cast kernel on either side: the forward of residual_gate_adaln
+moves 12 bytes per element (x and x_out 4 each, y and h 2 each). All arithmetic,
+statistics and token sums run in fp32, with one rounding on each store.
 
 Limits: the fused path needs 1 <= D <= MAX_FUSED_D (8192) and B <= 65535 (grid axis 1);
 wider rows and empty inputs take the reference. Inputs and grads of any stride are
@@ -35,13 +40,12 @@ Design choices:
 - residual_gate_adaln computes LN statistics from x_out rounded to the storage dtype:
   h is exactly adaln_modulate applied to the x_out it returns, as in the unfused block
   (where the next LayerNorm reads the stored residual stream).
-- Ops go through torch.library custom ops (forward and backward launchers), wrapped in
-  an autograd.Function, so torch.compile(fullgraph=True) traces through them.
+- Forward and backward launchers are torch.library custom ops (see `_ops.py`), wrapped
+  in an autograd.Function, so torch.compile(fullgraph=True) traces through them; eager
+  calls run the launchers directly.
 """
 
 import functools
-import inspect
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +53,7 @@ import triton
 import triton.language as tl
 
 from sdkernels import _checks, _runtime
-from sdkernels._lowering import LoweringCase
+from sdkernels._ops import KernelOp, needs_autograd
 
 MAX_FUSED_D = 8192  # a row must fit in registers
 _MAX_GRID_B = 65535  # samples run on grid axis 1
@@ -62,16 +66,18 @@ _INTERPRET_BWD_ROWS = 32  # and two tiles per chunk, so loops and chunking both 
 # ----------------------------------------------------------------------------- reference
 def adaln_modulate_ref(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
                        eps: float = 1e-6) -> torch.Tensor:
-    """The spec: LayerNorm without affine in fp32, then per-sample scale and shift."""
+    """The spec: LayerNorm without affine in fp32, then per-sample scale and shift; the
+    result takes the modulation vectors' (compute) dtype."""
     normed = F.layer_norm(x.float(), (x.shape[-1],), eps=eps)  # [B, T, D] fp32
     y = normed * (1 + scale.float()[:, None]) + shift.float()[:, None]
-    return y.to(x.dtype)
+    return y.to(shift.dtype)
 
 
 def residual_gate_adaln_ref(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor,
                             shift: torch.Tensor, scale: torch.Tensor,
                             eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-    """The spec: gated residual in fp32 rounded once to the storage dtype, then adaLN of it."""
+    """The spec: gated residual in fp32 rounded once to x's dtype, then adaLN of it (h in
+    the compute dtype of y, gate, shift and scale)."""
     x_out = (x.float() + gate.float()[:, None] * y.float()).to(x.dtype)  # [B, T, D]
     return x_out, adaln_modulate_ref(x_out, shift, scale, eps)
 
@@ -89,10 +95,10 @@ def _normalize(x, mask, D, eps):
 
 @triton.jit
 def _modulate_fwd_kernel(
-    X,  # *dtype [B*T, D] input rows
-    SHIFT,  # *dtype [B, D]
-    SCALE,  # *dtype [B, D]
-    OUT,  # *dtype [B*T, D] modulated rows
+    X,  # *xdtype [B*T, D] input rows (the residual stream: fp32 or the compute dtype)
+    SHIFT,  # *cdtype [B, D] (compute dtype)
+    SCALE,  # *cdtype [B, D]
+    OUT,  # *cdtype [B*T, D] modulated rows
     MEAN,  # *fp32 [B*T] saved for backward
     RSTD,  # *fp32 [B*T] saved for backward
     T, D, eps,
@@ -118,13 +124,13 @@ def _modulate_fwd_kernel(
 
 @triton.jit
 def _residual_fwd_kernel(
-    X,  # *dtype [B*T, D] residual stream in
-    BRANCH,  # *dtype [B*T, D] branch output y, added with the gate
-    GATE,  # *dtype [B, D]
-    SHIFT,  # *dtype [B, D]
-    SCALE,  # *dtype [B, D]
-    X_OUT,  # *dtype [B*T, D] residual stream out
-    H,  # *dtype [B*T, D] adaLN of X_OUT
+    X,  # *xdtype [B*T, D] residual stream in (fp32 or the compute dtype)
+    BRANCH,  # *cdtype [B*T, D] branch output y, added with the gate
+    GATE,  # *cdtype [B, D]
+    SHIFT,  # *cdtype [B, D]
+    SCALE,  # *cdtype [B, D]
+    X_OUT,  # *xdtype [B*T, D] residual stream out
+    H,  # *cdtype [B*T, D] adaLN of X_OUT, the next Linear's input
     MEAN,  # *fp32 [B*T] stats of the rounded X_OUT, saved for backward
     RSTD,  # *fp32 [B*T]
     T, D, eps,
@@ -164,12 +170,12 @@ def _ln_input_grad(dy, xhat, rstd, scale, D):
 
 @triton.jit
 def _modulate_bwd_kernel(
-    DOUT,  # *dtype [B*T, D] grad of the output
-    X,  # *dtype [B*T, D] forward input
-    SCALE,  # *dtype [B, D]
+    DOUT,  # *cdtype [B*T, D] grad of the output
+    X,  # *xdtype [B*T, D] forward input
+    SCALE,  # *cdtype [B, D]
     MEAN,  # *fp32 [B*T]
     RSTD,  # *fp32 [B*T]
-    DX,  # *dtype [B*T, D] grad of x
+    DX,  # *xdtype [B*T, D] grad of x
     PARTIAL,  # *fp32 [2, B, N_CHUNKS, D] per-chunk token sums: dshift, dscale
     T, D, ROWS_PER_CHUNK, N_CHUNKS, VEC_STRIDE,  # VEC_STRIDE = B * N_CHUNKS * D
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -203,16 +209,16 @@ def _modulate_bwd_kernel(
 
 @triton.jit
 def _residual_bwd_kernel(
-    DX_OUT,  # *dtype [B*T, D] grad of x_out (read only if HAS_DX_OUT)
-    DH,  # *dtype [B*T, D] grad of h (read only if HAS_DH)
-    X_OUT,  # *dtype [B*T, D] forward output x_out (LN input)
-    BRANCH,  # *dtype [B*T, D] forward input y
-    GATE,  # *dtype [B, D]
-    SCALE,  # *dtype [B, D]
+    DX_OUT,  # *xdtype [B*T, D] grad of x_out (read only if HAS_DX_OUT)
+    DH,  # *cdtype [B*T, D] grad of h (read only if HAS_DH)
+    X_OUT,  # *xdtype [B*T, D] forward output x_out (LN input)
+    BRANCH,  # *cdtype [B*T, D] forward input y
+    GATE,  # *cdtype [B, D]
+    SCALE,  # *cdtype [B, D]
     MEAN,  # *fp32 [B*T]
     RSTD,  # *fp32 [B*T]
-    DX,  # *dtype [B*T, D] grad of x (= total grad of x_out)
-    DBRANCH,  # *dtype [B*T, D] grad of y
+    DX,  # *xdtype [B*T, D] grad of x (= total grad of x_out)
+    DBRANCH,  # *cdtype [B*T, D] grad of y
     PARTIAL,  # *fp32 [3, B, N_CHUNKS, D] per-chunk token sums: dgate, dshift, dscale
     T, D, ROWS_PER_CHUNK, N_CHUNKS, VEC_STRIDE,  # VEC_STRIDE = B * N_CHUNKS * D
     HAS_DX_OUT: tl.constexpr, HAS_DH: tl.constexpr,
@@ -259,7 +265,7 @@ def _residual_bwd_kernel(
 @triton.jit
 def _sum_chunks_kernel(
     PARTIAL,  # *fp32 [V, N_CHUNKS, D] per-chunk sums (V = n_vec * B)
-    OUT,  # *dtype [V, D] chunk totals
+    OUT,  # *cdtype [V, D] chunk totals
     N_CHUNKS, D,
     BLOCK_D: tl.constexpr,
 ):
@@ -316,7 +322,7 @@ def _launch_modulate_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tens
                          eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     x, shift, scale = x.contiguous(), shift.contiguous(), scale.contiguous()
     B, T, D = x.shape
-    out = _runtime.empty(x.shape, x.dtype, x.device)  # [B, T, D]
+    out = _runtime.empty(x.shape, shift.dtype, x.device)  # [B, T, D] compute dtype
     mean = _runtime.empty((B * T,), torch.float32, x.device)
     rstd = _runtime.empty((B * T,), torch.float32, x.device)
     if x.numel() > 0:
@@ -335,14 +341,14 @@ def _launch_modulate_bwd(
     B, T, D = x.shape
     dx = _runtime.empty(x.shape, x.dtype, x.device)  # [B, T, D]
     if x.numel() == 0:
-        return dx, torch.zeros((2, B, D), dtype=x.dtype, device=x.device)
+        return dx, torch.zeros((2, B, D), dtype=scale.dtype, device=x.device)
     block_m, block_d, warps = _tile(T, D, _INTERPRET_BWD_ROWS)
     rows, n_chunks = _chunking(B, T, block_m, x.device)
     partial = _runtime.empty((2, B, n_chunks, D), torch.float32, x.device)
     _modulate_bwd_kernel[(n_chunks, B)](
         dout, x, scale, mean, rstd, dx, partial, T, D, rows, n_chunks, B * n_chunks * D,
         BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps)
-    return dx, _sum_chunks(partial, x.dtype)  # dx, [dshift, dscale]
+    return dx, _sum_chunks(partial, scale.dtype)  # dx, [dshift, dscale]
 
 
 def _launch_residual_fwd(
@@ -351,8 +357,8 @@ def _launch_residual_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     x, y, gate, shift, scale = (t.contiguous() for t in (x, y, gate, shift, scale))
     B, T, D = x.shape
-    x_out = _runtime.empty(x.shape, x.dtype, x.device)  # [B, T, D]
-    h = _runtime.empty(x.shape, x.dtype, x.device)  # [B, T, D]
+    x_out = _runtime.empty(x.shape, x.dtype, x.device)  # [B, T, D] residual dtype
+    h = _runtime.empty(x.shape, y.dtype, x.device)  # [B, T, D] compute dtype
     mean = _runtime.empty((B * T,), torch.float32, x.device)
     rstd = _runtime.empty((B * T,), torch.float32, x.device)
     if x.numel() > 0:
@@ -371,9 +377,9 @@ def _launch_residual_bwd(
     x_out, y, gate, scale = (t.contiguous() for t in (x_out, y, gate, scale))
     B, T, D = x_out.shape
     dx = _runtime.empty(x_out.shape, x_out.dtype, x_out.device)  # [B, T, D]
-    dy = _runtime.empty(x_out.shape, x_out.dtype, x_out.device)  # [B, T, D]
+    dy = _runtime.empty(x_out.shape, y.dtype, x_out.device)  # [B, T, D]
     if x_out.numel() == 0:
-        return dx, dy, torch.zeros((3, B, D), dtype=x_out.dtype, device=x_out.device)
+        return dx, dy, torch.zeros((3, B, D), dtype=gate.dtype, device=x_out.device)
     block_m, block_d, warps = _tile(T, D, _INTERPRET_BWD_ROWS)
     rows, n_chunks = _chunking(B, T, block_m, x_out.device)
     partial = _runtime.empty((3, B, n_chunks, D), torch.float32, x_out.device)
@@ -385,62 +391,33 @@ def _launch_residual_bwd(
         T, D, rows, n_chunks, B * n_chunks * D,
         HAS_DX_OUT=dx_out is not None, HAS_DH=dh is not None,
         BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps)
-    return dx, dy, _sum_chunks(partial, x_out.dtype)  # dx, dy, [dgate, dshift, dscale]
+    return dx, dy, _sum_chunks(partial, gate.dtype)  # dx, dy, [dgate, dshift, dscale]
 
 
 # ----------------------------------------------------------------------------- torch.library
-@torch.library.custom_op("sdkernels::adaln_modulate_fwd", mutates_args=())
-def _modulate_fwd_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
-                     eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _launch_modulate_fwd(x, shift, scale, eps)
+def _modulate_fwd_fake(x, shift, scale, eps):
+    stats = x.new_empty((x.shape[0] * x.shape[1],), dtype=torch.float32)
+    return x.new_empty(x.shape, dtype=shift.dtype), stats, torch.empty_like(stats)
 
 
-@_modulate_fwd_op.register_fake
-def _(x, shift, scale, eps):
-    rows = x.shape[0] * x.shape[1]
-    stats = x.new_empty((rows,), dtype=torch.float32)
-    return x.new_empty(x.shape), stats, torch.empty_like(stats)
+def _modulate_bwd_fake(dout, x, scale, mean, rstd):
+    return x.new_empty(x.shape), x.new_empty((2, x.shape[0], x.shape[2]), dtype=scale.dtype)
 
 
-@torch.library.custom_op("sdkernels::adaln_modulate_bwd", mutates_args=())
-def _modulate_bwd_op(dout: torch.Tensor, x: torch.Tensor, scale: torch.Tensor,
-                     mean: torch.Tensor, rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launch_modulate_bwd(dout, x, scale, mean, rstd)
+def _residual_fwd_fake(x, y, gate, shift, scale, eps):
+    stats = x.new_empty((x.shape[0] * x.shape[1],), dtype=torch.float32)
+    return x.new_empty(x.shape), y.new_empty(x.shape), stats, torch.empty_like(stats)
 
 
-@_modulate_bwd_op.register_fake
-def _(dout, x, scale, mean, rstd):
-    return x.new_empty(x.shape), x.new_empty((2, x.shape[0], x.shape[2]))
-
-
-@torch.library.custom_op("sdkernels::adaln_residual_gate_fwd", mutates_args=())
-def _residual_fwd_op(
-    x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
-    scale: torch.Tensor, eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _launch_residual_fwd(x, y, gate, shift, scale, eps)
-
-
-@_residual_fwd_op.register_fake
-def _(x, y, gate, shift, scale, eps):
-    rows = x.shape[0] * x.shape[1]
-    stats = x.new_empty((rows,), dtype=torch.float32)
-    return x.new_empty(x.shape), x.new_empty(x.shape), stats, torch.empty_like(stats)
-
-
-@torch.library.custom_op("sdkernels::adaln_residual_gate_bwd", mutates_args=())
-def _residual_bwd_op(
-    dx_out: torch.Tensor | None, dh: torch.Tensor | None, x_out: torch.Tensor,
-    y: torch.Tensor, gate: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor,
-    rstd: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _launch_residual_bwd(dx_out, dh, x_out, y, gate, scale, mean, rstd)
-
-
-@_residual_bwd_op.register_fake
-def _(dx_out, dh, x_out, y, gate, scale, mean, rstd):
+def _residual_bwd_fake(dx_out, dh, x_out, y, gate, scale, mean, rstd):
     B, _, D = x_out.shape
-    return x_out.new_empty(x_out.shape), x_out.new_empty(x_out.shape), x_out.new_empty((3, B, D))
+    return x_out.new_empty(x_out.shape), y.new_empty(y.shape), gate.new_empty((3, B, D))
+
+
+_modulate_fwd = KernelOp("adaln_modulate_fwd", _launch_modulate_fwd, _modulate_fwd_fake)
+_modulate_bwd = KernelOp("adaln_modulate_bwd", _launch_modulate_bwd, _modulate_bwd_fake)
+_residual_fwd = KernelOp("adaln_residual_gate_fwd", _launch_residual_fwd, _residual_fwd_fake)
+_residual_bwd = KernelOp("adaln_residual_gate_bwd", _launch_residual_bwd, _residual_bwd_fake)
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -448,14 +425,14 @@ class AdaLNModulateFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, shift, scale, eps):
         x = x.contiguous()  # saved for backward: copy once here, not in every backward
-        out, mean, rstd = torch.ops.sdkernels.adaln_modulate_fwd(x, shift, scale, eps)
+        out, mean, rstd = _modulate_fwd(x, shift, scale, eps)
         ctx.save_for_backward(x, scale, mean, rstd)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         x, scale, mean, rstd = ctx.saved_tensors
-        dx, dvecs = torch.ops.sdkernels.adaln_modulate_bwd(dout, x, scale, mean, rstd)
+        dx, dvecs = _modulate_bwd(dout, x, scale, mean, rstd)
         return dx, dvecs[0], dvecs[1], None
 
 
@@ -463,8 +440,7 @@ class ResidualGateAdaLNFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, gate, shift, scale, eps):
         y = y.contiguous()
-        x_out, h, mean, rstd = torch.ops.sdkernels.adaln_residual_gate_fwd(
-            x, y, gate, shift, scale, eps)
+        x_out, h, mean, rstd = _residual_fwd(x, y, gate, shift, scale, eps)
         ctx.save_for_backward(x_out, y, gate, scale, mean, rstd)
         ctx.set_materialize_grads(False)  # an unused output costs no zero-filled grad
         return x_out, h
@@ -472,8 +448,7 @@ class ResidualGateAdaLNFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dx_out, dh):
         x_out, y, gate, scale, mean, rstd = ctx.saved_tensors
-        dx, dy, dvecs = torch.ops.sdkernels.adaln_residual_gate_bwd(
-            dx_out, dh, x_out, y, gate, scale, mean, rstd)
+        dx, dy, dvecs = _residual_bwd(dx_out, dh, x_out, y, gate, scale, mean, rstd)
         return dx, dy, dvecs[0], dvecs[1], dvecs[2], None
 
 
@@ -488,7 +463,13 @@ def _check_inputs(eps: float, rows: dict[str, torch.Tensor],
         _checks.check_shape(name, t, (B, T, D), f"[B, T, D] = [{B}, {T}, {D}] (as x)")
     for name, t in vectors.items():
         _checks.check_shape(name, t, (B, D), f"[B, D] = [{B}, {D}] (B and D of x)")
-    _checks.check_same_dtype(**rows, **vectors)
+    compute = {k: v for k, v in {**rows, **vectors}.items() if k != "x"}
+    _checks.check_same_dtype(**compute)
+    cdtype = next(iter(compute.values())).dtype
+    if rows["x"].dtype not in (cdtype, torch.float32):
+        names = "/".join(compute)
+        raise TypeError(f"x (the residual stream) must be float32 or share the dtype of "
+                        f"{names} ({cdtype}), got {rows['x'].dtype}")
     _checks.check_same_device(**rows, **vectors)
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps}")
@@ -501,9 +482,12 @@ def _fused(x: torch.Tensor, *others: torch.Tensor) -> bool:
 
 def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
                    eps: float = 1e-6) -> torch.Tensor:
-    """LayerNorm(x) * (1 + scale[:, None]) + shift[:, None]; x [B, T, D], shift/scale [B, D]."""
+    """LayerNorm(x) * (1 + scale[:, None]) + shift[:, None]; x [B, T, D], shift/scale [B, D].
+    x is fp32 or shares shift/scale's dtype; the result takes shift/scale's dtype."""
     _check_inputs(eps, {"x": x}, {"shift": shift, "scale": scale})
     if _fused(x, shift, scale):
+        if not needs_autograd(x, shift, scale):
+            return _modulate_fwd(x, shift, scale, eps)[0]
         return AdaLNModulateFunction.apply(x, shift, scale, eps)
     return adaln_modulate_ref(x, shift, scale, eps)
 
@@ -511,50 +495,13 @@ def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
 def residual_gate_adaln(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor,
                         shift: torch.Tensor, scale: torch.Tensor,
                         eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x_out, h) with x_out = x + gate[:, None] * y and h = adaln_modulate(x_out, ...)."""
+    """(x_out, h) with x_out = x + gate[:, None] * y and h = adaln_modulate(x_out, ...).
+    y, gate, shift, scale share a compute dtype; x is fp32 or that dtype. x_out takes x's
+    dtype, h the compute dtype."""
     _check_inputs(eps, {"x": x, "y": y}, {"gate": gate, "shift": shift, "scale": scale})
     if _fused(x, y, gate, shift, scale):
+        if not needs_autograd(x, y, gate, shift, scale):
+            x_out, h, _, _ = _residual_fwd(x, y, gate, shift, scale, eps)
+            return x_out, h
         return ResidualGateAdaLNFunction.apply(x, y, gate, shift, scale, eps)
     return residual_gate_adaln_ref(x, y, gate, shift, scale, eps)
-
-
-# ----------------------------------------------------------------------------- lowering
-_FP32_POINTERS = ("MEAN", "RSTD", "PARTIAL")
-_INT_ARGS = ("T", "D", "ROWS_PER_CHUNK", "N_CHUNKS", "VEC_STRIDE")
-
-
-def _signature(kernel: Any, data: str) -> dict[str, str]:
-    """Triton types of a kernel's arguments: capitalised pointers hold `data` unless fp32."""
-    sig = {}
-    for name, param in inspect.signature(kernel.fn).parameters.items():
-        if param.annotation is tl.constexpr:
-            sig[name] = "constexpr"
-        elif name in _INT_ARGS:
-            sig[name] = "i32"
-        elif name == "eps":
-            sig[name] = "fp32"
-        else:
-            sig[name] = "*fp32" if name in _FP32_POINTERS else data
-    return sig
-
-
-def lowering_cases() -> list[LoweringCase]:
-    """Every kernel at SD-DiT-XL/2 width (D=1152, bf16) with the GPU launch parameters."""
-    block_d = triton.next_power_of_2(1152)
-    block_m = max(1, _GPU_TILE // block_d)
-    warps = min(8, max(1, block_m * block_d // 256))
-    tile = {"BLOCK_M": block_m, "BLOCK_D": block_d}
-    cases = [
-        LoweringCase(f"adaln.{name}", kernel, _signature(kernel, "*bf16"), tile, warps)
-        for name, kernel in (("modulate_fwd", _modulate_fwd_kernel),
-                             ("residual_gate_fwd", _residual_fwd_kernel),
-                             ("modulate_bwd", _modulate_bwd_kernel))
-    ]
-    cases.append(LoweringCase("adaln.sum_chunks", _sum_chunks_kernel,
-                              _signature(_sum_chunks_kernel, "*bf16"), {"BLOCK_D": 512}, 4))
-    for has_dx_out, has_dh, tag in ((True, True, ""), (False, True, "_h_only"),
-                                    (True, False, "_x_out_only")):
-        flags = {"HAS_DX_OUT": has_dx_out, "HAS_DH": has_dh, **tile}
-        cases.append(LoweringCase(f"adaln.residual_gate_bwd{tag}", _residual_bwd_kernel,
-                                  _signature(_residual_bwd_kernel, "*bf16"), flags, warps))
-    return cases

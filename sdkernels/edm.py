@@ -39,16 +39,15 @@ Design:
 - Value checks (sigma > 0, w >= 0) need one host sync; `check=False` skips them, and they
   are skipped while torch.compile traces.
 - Host time matters as much as device time here (an XL/2 batch is ~1 MB): eager calls run
-  the launchers directly rather than through the torch.ops dispatcher, and skip the
-  autograd.Function when nothing needs a gradient. Traced calls use the registered ops.
+  the launchers directly rather than through the torch.ops dispatcher (`_ops.KernelOp`,
+  shared with the adaLN and token ops), and skip the autograd.Function when nothing needs
+  a gradient. Traced calls use the registered ops.
 Limits: sigma below ~1e-15 overflows lambda in fp32.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any
 
 import torch
 import triton
@@ -57,7 +56,7 @@ from torch import Tensor
 
 from sdkernels import _runtime
 from sdkernels._checks import check_float, check_same_device, check_same_dtype
-from sdkernels._lowering import LoweringCase
+from sdkernels._ops import KernelOp, needs_autograd
 
 # ----------------------------------------------------------------------------- references
 
@@ -340,15 +339,6 @@ def _sum_partials(partial: Tensor) -> Tensor:
     return partial.view(-1) if partial.shape[1] == 1 else partial.sum(dim=1)
 
 
-def _call(op_name: str, launcher: Callable[..., Any], *args: Any) -> Any:
-    """Eager calls run the launcher directly: the torch.ops dispatcher costs tens of us of
-    host time, more than these kernels take on a GPU. Traced calls go through torch.ops, so
-    torch.compile sees an opaque op with a fake implementation."""
-    if torch.compiler.is_compiling():
-        return getattr(torch.ops.sdkernels, op_name)(*args)
-    return launcher(*args)
-
-
 def _maybe_empty(needed: bool, like: Tensor) -> Tensor:
     """An output shaped like `like`, or a 0-element stand-in when it is not needed."""
     return _runtime.empty(like.shape if needed else (0,), like.dtype, like.device)
@@ -378,13 +368,12 @@ def _precondition_fwd(x0: Tensor, noise: Tensor, sigma: Tensor, sigma_data: floa
     return outs
 
 
-torch.library.custom_op("sdkernels::edm_precondition_fwd", _precondition_fwd, mutates_args=())
-
-
-@torch.library.register_fake("sdkernels::edm_precondition_fwd")
-def _(x0, noise, sigma, sigma_data, sigma_min) -> list[Tensor]:
+def _precondition_fwd_fake(x0, noise, sigma, sigma_data, sigma_min) -> list[Tensor]:
     outs = [x0.new_empty(x0.shape), x0.new_empty(x0.shape), sigma.new_empty(x0.shape[:1])]
     return outs + ([x0.new_empty(x0.shape)] if sigma_min is not None else [])
+
+
+_precondition_fwd_op = KernelOp("edm_precondition_fwd", _precondition_fwd, _precondition_fwd_fake)
 
 
 def _precondition_bwd(g_noisy: Tensor | None, g_in: Tensor | None, g_teacher: Tensor | None,
@@ -413,16 +402,15 @@ def _precondition_bwd(g_noisy: Tensor | None, g_in: Tensor | None, g_teacher: Te
     return dx0, dnoise, dsigma
 
 
-torch.library.custom_op("sdkernels::edm_precondition_bwd", _precondition_bwd, mutates_args=())
-
-
-@torch.library.register_fake("sdkernels::edm_precondition_bwd")
-def _(g_noisy, g_in, g_teacher, x0, noise, sigma, sigma_data, sigma_min, need_dx0, need_dnoise,
-      need_dsigma) -> tuple[Tensor, Tensor, Tensor]:
+def _precondition_bwd_fake(g_noisy, g_in, g_teacher, x0, noise, sigma, sigma_data, sigma_min,
+                           need_dx0, need_dnoise, need_dsigma) -> tuple[Tensor, Tensor, Tensor]:
     like = next(g for g in (g_noisy, g_in, g_teacher) if g is not None)
     return (like.new_empty(like.shape if need_dx0 else (0,)),
             like.new_empty(like.shape if need_dnoise else (0,)),
             sigma.new_empty(like.shape[:1] if need_dsigma else (0,)))
+
+
+_precondition_bwd_op = KernelOp("edm_precondition_bwd", _precondition_bwd, _precondition_bwd_fake)
 
 
 def _loss_launch_args(F: Tensor, patch_weight: Tensor | None,
@@ -455,12 +443,11 @@ def _loss_fwd(F: Tensor, x_noisy: Tensor, x0: Tensor, sigma: Tensor,
     return _sum_partials(partial)
 
 
-torch.library.custom_op("sdkernels::edm_loss_fwd", _loss_fwd, mutates_args=())
-
-
-@torch.library.register_fake("sdkernels::edm_loss_fwd")
-def _(F, x_noisy, x0, sigma, patch_weight, patch_size, sigma_data) -> Tensor:
+def _loss_fwd_fake(F, x_noisy, x0, sigma, patch_weight, patch_size, sigma_data) -> Tensor:
     return F.new_empty(F.shape[:1], dtype=torch.float32)
+
+
+_loss_fwd_op = KernelOp("edm_loss_fwd", _loss_fwd, _loss_fwd_fake)
 
 
 def _loss_bwd(grad: Tensor, F: Tensor, x_noisy: Tensor, x0: Tensor, sigma: Tensor,
@@ -494,15 +481,15 @@ def _loss_bwd(grad: Tensor, F: Tensor, x_noisy: Tensor, x0: Tensor, sigma: Tenso
     return dF, dxn, dx0, dsigma
 
 
-torch.library.custom_op("sdkernels::edm_loss_bwd", _loss_bwd, mutates_args=())
-
-
-@torch.library.register_fake("sdkernels::edm_loss_bwd")
-def _(grad, F, x_noisy, x0, sigma, patch_weight, loss, patch_size, sigma_data, need_dF,
-      need_dx_noisy, need_dx0, need_dsigma) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _loss_bwd_fake(grad, F, x_noisy, x0, sigma, patch_weight, loss, patch_size, sigma_data,
+                   need_dF, need_dx_noisy, need_dx0,
+                   need_dsigma) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     needs = (need_dF, need_dx_noisy, need_dx0)
     return (*(F.new_empty(F.shape if need else (0,)) for need in needs),
             sigma.new_empty(F.shape[:1] if need_dsigma else (0,)))
+
+
+_loss_bwd_op = KernelOp("edm_loss_bwd", _loss_bwd, _loss_bwd_fake)
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -514,7 +501,7 @@ class EDMPreconditionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x0: Tensor, noise: Tensor, sigma: Tensor, sigma_data: float,
                 sigma_min: float | None) -> tuple[Tensor, ...]:
-        outs = _call("edm_precondition_fwd", _precondition_fwd, x0, noise, sigma, sigma_data,
+        outs = _precondition_fwd_op(x0, noise, sigma, sigma_data,
                      sigma_min)
         need_dsigma = ctx.needs_input_grad[2]
         ctx.save_for_backward(x0 if need_dsigma else None, noise if need_dsigma else None, sigma)
@@ -532,8 +519,8 @@ class EDMPreconditionFunction(torch.autograd.Function):
         dx0 = dnoise = dsigma = None
         has_element_grads = g_noisy is not None or g_in is not None or g_teacher is not None
         if has_element_grads and (need_dx0 or need_dnoise or need_dsigma):
-            dx0, dnoise, dsigma = _call(
-                "edm_precondition_bwd", _precondition_bwd, g_noisy, g_in, g_teacher, x0, noise,
+            dx0, dnoise, dsigma = _precondition_bwd_op(
+                g_noisy, g_in, g_teacher, x0, noise,
                 sigma, ctx.sigma_data, ctx.sigma_min, need_dx0, need_dnoise, need_dsigma)
         if need_dsigma:
             if g_c_noise is not None:  # c_noise = ln(sigma)/4
@@ -552,7 +539,7 @@ class EDMLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, F: Tensor, x_noisy: Tensor, x0: Tensor, sigma: Tensor,
                 patch_weight: Tensor | None, patch_size: int, sigma_data: float) -> Tensor:
-        loss = _call("edm_loss_fwd", _loss_fwd, F, x_noisy, x0, sigma, patch_weight,
+        loss = _loss_fwd_op(F, x_noisy, x0, sigma, patch_weight,
                      patch_size, sigma_data)
         need_dsigma = ctx.needs_input_grad[3]
         ctx.save_for_backward(F, x_noisy, x0, sigma, patch_weight, loss if need_dsigma else None)
@@ -565,17 +552,12 @@ class EDMLossFunction(torch.autograd.Function):
         need = ctx.needs_input_grad[:4]
         if not any(need):
             return (None,) * 7
-        grads = _call("edm_loss_bwd", _loss_bwd, grad, F, x_noisy, x0, sigma, patch_weight,
+        grads = _loss_bwd_op(grad, F, x_noisy, x0, sigma, patch_weight,
                       loss, ctx.patch_size, ctx.sigma_data, *need)
         return (*(g if n else None for g, n in zip(grads, need, strict=True)), None, None, None)
 
 
 # ----------------------------------------------------------------------------- public ops
-
-
-def _needs_autograd(*tensors: Tensor) -> bool:
-    """Skip the autograd.Function (host overhead) when no gradient can flow."""
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _check_sigma(sigma: object, batch: int) -> Tensor:
@@ -666,9 +648,9 @@ def edm_precondition(x0: Tensor, noise: Tensor, sigma: Tensor, sigma_min: float 
     if check:
         _check_values(sigma, None)
     if _runtime.use_triton(x0, noise, sigma):
-        if _needs_autograd(x0, noise, sigma):
+        if needs_autograd(x0, noise, sigma):
             return EDMPreconditionFunction.apply(x0, noise, sigma.float(), sigma_data, sigma_min)
-        return tuple(_call("edm_precondition_fwd", _precondition_fwd, x0, noise, sigma.float(),
+        return tuple(_precondition_fwd_op(x0, noise, sigma.float(),
                            sigma_data, sigma_min))
     return edm_precondition_ref(x0, noise, sigma, sigma_min, sigma_data)
 
@@ -687,60 +669,9 @@ def edm_loss(F: Tensor, x_noisy: Tensor, x0: Tensor, sigma: Tensor, sigma_data: 
     if check:
         _check_values(sigma, patch_weight)
     if _runtime.use_triton(F, x_noisy, x0, sigma):
-        if _needs_autograd(F, x_noisy, x0, sigma):
+        if needs_autograd(F, x_noisy, x0, sigma):
             return EDMLossFunction.apply(F, x_noisy, x0, sigma.float(), patch_weight,
                                          patch_size or 0, sigma_data)
-        return _call("edm_loss_fwd", _loss_fwd, F, x_noisy, x0, sigma.float(), patch_weight,
+        return _loss_fwd_op(F, x_noisy, x0, sigma.float(), patch_weight,
                      patch_size or 0, sigma_data)
     return edm_loss_ref(F, x_noisy, x0, sigma, sigma_data, patch_weight, patch_size)
-
-
-# ----------------------------------------------------------------------------- lowering
-
-
-_FP32_POINTERS = {"sigma_ptr", "c_noise_ptr", "dsigma_part_ptr", "partial_ptr", "weight_ptr",
-                  "grad_ptr"}
-_FP32_SCALARS = {"sigma_data", "sigma_min", "inv_elems"}
-
-
-def _signature(kernel: Any) -> dict[str, str]:
-    """Triton types of every argument with bf16 tensors (per-sample buffers are fp32)."""
-    def kind(name: str, is_constexpr: bool) -> str:
-        if is_constexpr:
-            return "constexpr"
-        if name.endswith("_ptr"):
-            return "*fp32" if name in _FP32_POINTERS else "*bf16"
-        return "fp32" if name in _FP32_SCALARS else "i32"
-
-    return {p.name: kind(p.name, p.is_constexpr) for p in kernel.params}
-
-
-def lowering_cases() -> list[LoweringCase]:
-    """Every kernel at SD-DiT-XL/2 latents (4 x 32 x 32, patch 2, L = 256) in bf16, with
-    the block sizes the launchers pick on a GPU."""
-    n = 4 * 32 * 32
-    elementwise = dict(BLOCK=min(n, _GPU_ELEMENTWISE_BLOCK))
-    reduction = dict(BLOCK=min(n, _GPU_REDUCTION_BLOCK))
-    pre_bwd = dict(HAS_G_NOISY=True, HAS_G_IN=True, HAS_G_TEACHER=True, WRITE_DX0=True,
-                   WRITE_DNOISE=True)
-    patch = dict(HAS_WEIGHT=True, P=2, L_BLOCK=256)
-    plain = dict(HAS_WEIGHT=False, P=1, L_BLOCK=16)
-    train_bwd = dict(WRITE_DF=True, WRITE_DXN=False, WRITE_DX0=False, NEED_DSIGMA=False)
-    all_bwd = dict(WRITE_DF=True, WRITE_DXN=True, WRITE_DX0=True, NEED_DSIGMA=True)
-    specs = [
-        ("precondition_fwd", _precondition_fwd_kernel, dict(HAS_TEACHER=False, **elementwise)),
-        ("precondition_fwd.teacher", _precondition_fwd_kernel,
-         dict(HAS_TEACHER=True, **elementwise)),
-        ("precondition_bwd", _precondition_bwd_kernel,
-         dict(**pre_bwd, NEED_DSIGMA=False, **elementwise)),
-        ("precondition_bwd.dsigma", _precondition_bwd_kernel,
-         dict(**pre_bwd, NEED_DSIGMA=True, **reduction)),
-        ("loss_fwd", _loss_fwd_kernel, dict(**plain, **reduction)),
-        ("loss_fwd.patch2", _loss_fwd_kernel, dict(**patch, **reduction)),
-        ("loss_bwd", _loss_bwd_kernel, dict(**plain, **train_bwd, **elementwise)),
-        ("loss_bwd.patch2", _loss_bwd_kernel, dict(**patch, **train_bwd, **elementwise)),
-        ("loss_bwd.patch2.all", _loss_bwd_kernel, dict(**patch, **all_bwd, **reduction)),
-    ]
-    return [LoweringCase(f"edm.{name}", kernel, _signature(kernel), constexprs,
-                         num_warps=_launch_config(constexprs["BLOCK"], constexprs["BLOCK"])[1])
-            for name, kernel, constexprs in specs]

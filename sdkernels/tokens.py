@@ -30,6 +30,8 @@ Design:
 - The public ops check ids on the host (range and duplicates: one sort and one min/max
   reduction, a single device sync). Pass check_ids=False in hot loops where the ids come
   from argsort and are known good; under torch.compile the value check is skipped.
+- Launchers are torch.library custom ops (`_ops.KernelOp`): compile traces the ops, eager
+  calls run the launchers directly, the same call path as the adaLN and EDM ops.
 Limits: duplicate ids are a precondition (checked only with check_ids); row counts
 (B*L) must fit in int32, element offsets are int64. Under the Triton interpreter an
 fp32 -> bf16 cast truncates (a GPU rounds to nearest even), so a bf16 gather with pos and
@@ -45,7 +47,7 @@ import triton
 import triton.language as tl
 
 from sdkernels import _checks, _runtime
-from sdkernels._lowering import LoweringCase
+from sdkernels._ops import KernelOp, needs_autograd
 
 # ---------------------------------------------------------------- references (the spec)
 
@@ -397,54 +399,34 @@ def _launch_gather_bwd_pos(grad: torch.Tensor, ids: torch.Tensor, length: int,
 # ---------------------------------------------------------------- torch.library + autograd
 
 
-@torch.library.custom_op("sdkernels::tokens_gather", mutates_args=())
-def _tokens_gather(x: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
-    return _launch_gather(x, ids, pos)
-
-
-@_tokens_gather.register_fake
-def _(x: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+def _gather_fake(x: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
     return x.new_empty((x.shape[0], ids.shape[1], x.shape[2]))
 
 
-@torch.library.custom_op("sdkernels::tokens_scatter", mutates_args=())
-def _tokens_scatter(x_keep: torch.Tensor, ids: torch.Tensor, fill: torch.Tensor | None,
-                    length: int) -> torch.Tensor:
-    return _launch_scatter(x_keep, ids, fill, length)
-
-
-@_tokens_scatter.register_fake
-def _(x_keep: torch.Tensor, ids: torch.Tensor, fill: torch.Tensor | None,
-      length: int) -> torch.Tensor:
+def _scatter_fake(x_keep: torch.Tensor, ids: torch.Tensor, fill: torch.Tensor | None,
+                  length: int) -> torch.Tensor:
     return x_keep.new_empty((x_keep.shape[0], length, x_keep.shape[2]))
 
 
-@torch.library.custom_op("sdkernels::tokens_scatter_backward", mutates_args=())
-def _tokens_scatter_backward(grad: torch.Tensor, ids: torch.Tensor, fill_dim: int,
-                             need_keep: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launch_scatter_bwd(grad, ids, fill_dim, need_keep)
-
-
-@_tokens_scatter_backward.register_fake
-def _(grad: torch.Tensor, ids: torch.Tensor, fill_dim: int,
-      need_keep: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _scatter_bwd_fake(grad: torch.Tensor, ids: torch.Tensor, fill_dim: int,
+                      need_keep: bool) -> tuple[torch.Tensor, torch.Tensor]:
     B, _, D = grad.shape
     dkeep = grad.new_empty((B, ids.shape[1], D) if need_keep else (0,))
     return dkeep, grad.new_empty((D,) if fill_dim == 1 else grad.shape)
 
 
-@torch.library.custom_op("sdkernels::tokens_gather_backward_pos", mutates_args=())
-def _tokens_gather_backward_pos(grad: torch.Tensor, ids: torch.Tensor, length: int,
-                                need_dx: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launch_gather_bwd_pos(grad, ids, length, need_dx)
-
-
-@_tokens_gather_backward_pos.register_fake
-def _(grad: torch.Tensor, ids: torch.Tensor, length: int,
-      need_dx: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _gather_bwd_pos_fake(grad: torch.Tensor, ids: torch.Tensor, length: int,
+                         need_dx: bool) -> tuple[torch.Tensor, torch.Tensor]:
     B, _, D = grad.shape
     dx = grad.new_empty((B, length, D) if need_dx else (0,))
     return dx, grad.new_empty((length, D))
+
+
+_gather_op = KernelOp("tokens_gather", _launch_gather, _gather_fake)
+_scatter_op = KernelOp("tokens_scatter", _launch_scatter, _scatter_fake)
+_scatter_bwd_op = KernelOp("tokens_scatter_backward", _launch_scatter_bwd, _scatter_bwd_fake)
+_gather_bwd_pos_op = KernelOp("tokens_gather_backward_pos", _launch_gather_bwd_pos,
+                              _gather_bwd_pos_fake)
 
 
 class GatherTokensFunction(torch.autograd.Function):
@@ -453,17 +435,16 @@ class GatherTokensFunction(torch.autograd.Function):
                 pos: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(ids_keep)
         ctx.length = x.shape[1]
-        return torch.ops.sdkernels.tokens_gather(x, ids_keep, pos)
+        return _gather_op(x, ids_keep, pos)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (ids,) = ctx.saved_tensors
         need_x, _, need_pos = ctx.needs_input_grad
         if need_pos:
-            dx, dpos = torch.ops.sdkernels.tokens_gather_backward_pos(grad, ids, ctx.length,
-                                                                      need_x)
+            dx, dpos = _gather_bwd_pos_op(grad, ids, ctx.length, need_x)
             return (dx if need_x else None), None, dpos
-        dx = torch.ops.sdkernels.tokens_scatter(grad, ids, None, ctx.length) if need_x else None
+        dx = _scatter_op(grad, ids, None, ctx.length) if need_x else None
         return dx, None, None
 
 
@@ -473,17 +454,16 @@ class ScatterTokensFunction(torch.autograd.Function):
                 length: int) -> torch.Tensor:
         ctx.save_for_backward(ids_keep)
         ctx.fill_dim = fill.dim()
-        return torch.ops.sdkernels.tokens_scatter(x_keep, ids_keep, fill, length)
+        return _scatter_op(x_keep, ids_keep, fill, length)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (ids,) = ctx.saved_tensors
         need_keep, _, need_fill, _ = ctx.needs_input_grad
         if need_fill:
-            dkeep, dfill = torch.ops.sdkernels.tokens_scatter_backward(grad, ids, ctx.fill_dim,
-                                                                       need_keep)
+            dkeep, dfill = _scatter_bwd_op(grad, ids, ctx.fill_dim, need_keep)
             return (dkeep if need_keep else None), None, dfill, None
-        dkeep = torch.ops.sdkernels.tokens_gather(grad, ids, None) if need_keep else None
+        dkeep = _gather_op(grad, ids, None) if need_keep else None
         return dkeep, None, None, None
 
 
@@ -529,6 +509,8 @@ def gather_tokens(x: torch.Tensor, ids_keep: torch.Tensor, pos: torch.Tensor | N
     _check_ids(ids_keep, B, None, L, check_ids)
     tensors = (x, ids_keep) if pos is None else (x, ids_keep, pos)
     if _runtime.use_triton(*tensors):
+        if not needs_autograd(x, pos):
+            return _gather_op(x, ids_keep, pos)
         return GatherTokensFunction.apply(x, ids_keep, pos)
     return gather_tokens_ref(x, ids_keep, pos)
 
@@ -558,51 +540,7 @@ def scatter_tokens(x_keep: torch.Tensor, ids_keep: torch.Tensor, fill: torch.Ten
     _checks.check_same_dtype(x_keep=x_keep, fill=fill)
     _check_ids(ids_keep, B, K, length, check_ids)
     if _runtime.use_triton(x_keep, ids_keep, fill):
+        if not needs_autograd(x_keep, fill):
+            return _scatter_op(x_keep, ids_keep, fill, length)
         return ScatterTokensFunction.apply(x_keep, ids_keep, fill, length)
     return scatter_tokens_ref(x_keep, ids_keep, fill, length)
-
-
-# ---------------------------------------------------------------- GPU lowering (CI)
-
-
-def _case(name: str, kernel, constexprs: dict, num_warps: int = 4,
-          **ptr_types: str) -> LoweringCase:
-    """Pointers default to bf16 (name them in ptr_types otherwise), other args to i32."""
-    sig = {a: ptr_types.get(a, "*bf16") if a.endswith("_ptr")
-           else "constexpr" if a in constexprs else "i32" for a in kernel.arg_names}
-    return LoweringCase(f"tokens.{name}", kernel, sig, constexprs, num_warps)
-
-
-def lowering_cases() -> list[LoweringCase]:
-    """Every kernel at SD-DiT-XL/2 shapes (L=256, K=205, D=1152, bf16) with the blocks the
-    launchers pick on a GPU: every variant with int32 ids, one per kernel with int64."""
-    L, K, D = 256, 205, 1152
-    r, d = _row_blocks(D, L, interp=False)
-    pos_r, pos_d = _pos_bwd_blocks(D, L, interp=False)
-    rows = {"BLOCK_R": r, "BLOCK_D": d}
-    looked_up = {**rows, "BLOCK_K": _block_k(K, interp=False)}
-    reduce_r, _ = _row_blocks(D, L, False, _REDUCE_TILE_ELEMS_GPU)
-    reduce_blocks = {**looked_up, "BLOCK_R": reduce_r}
-    cases: list[LoweringCase] = []
-    for it in ("i32", "i64"):
-        full = it == "i32"
-        ids = {"ids_ptr": f"*{it}"}
-        for has_pos in (False, True)[: 2 if full else 1]:
-            cases.append(_case(f"gather.{it}{'.pos' * has_pos}", _gather_kernel,
-                               {**rows, "HAS_POS": has_pos}, **ids))
-        for fill in (0, 1, 2) if full else (2,):
-            cases.append(_case(f"scatter.fill{fill}.{it}", _scatter_kernel,
-                               {**looked_up, "FILL": fill}, **ids))
-        for fill_grad, keep in ((1, True), (2, True), (2, False)) if full else ((1, True),):
-            blocks, warps = (reduce_blocks, _REDUCE_WARPS) if fill_grad == 1 else (looked_up, 4)
-            cases.append(_case(f"scatter_bwd.fill{fill_grad}{'.keep' * keep}.{it}",
-                               _scatter_bwd_kernel,
-                               {**blocks, "WRITE_KEEP": keep, "FILL_GRAD": fill_grad},
-                               warps, partial_ptr="*fp32", **ids))
-        for write_dx in (True, False) if full else (True,):
-            cases.append(_case(f"gather_bwd_pos{'.dx' * write_dx}.{it}", _gather_bwd_pos_kernel,
-                               {**looked_up, "BLOCK_R": pos_r, "BLOCK_D": pos_d,
-                                "WRITE_DX": write_dx}, **ids))
-    cases.append(_case("sum_partials", _sum_partials_kernel, {"BLOCK_P": 128, "BLOCK_D": 32},
-                       partial_ptr="*fp32"))
-    return cases

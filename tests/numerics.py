@@ -43,3 +43,21 @@ def assert_matches(actual: torch.Tensor, torch_same_dtype: torch.Tensor, truth: 
         assert_close_fp32(actual, truth, name)
     else:
         assert_within_torch_error(actual, torch_same_dtype, truth, name)
+
+
+def perturb_(net: torch.nn.Module, scale: float = 0.05, seed: int | None = None) -> None:
+    """Move every parameter off its (partly zero) init so all paths carry signal; from the
+    global RNG, or from `seed` when given."""
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale)
+
+
+def model_batch(net: torch.nn.Module, n: int, seed: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random inputs of a net's shape: x [n, C, H, W] and labels [n]."""
+    c = net.config
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    return (torch.randn(n, c.in_channels, c.input_size, c.input_size, generator=gen),
+            torch.randint(0, c.num_classes, (n,), generator=gen))

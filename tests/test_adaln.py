@@ -73,7 +73,7 @@ def check_against_reference(fused: Callable, ref: Callable, inputs: list[torch.T
     truth = run(ref, [t.float() for t in inputs],
                 [None if g is None else g.float() for g in grads])
     for a, lowp, t, name in zip(actual, torch_lowp, truth, names, strict=True):
-        assert a.dtype == inputs[0].dtype, f"{name}: dtype {a.dtype}"
+        assert a.dtype == lowp.dtype, f"{name}: dtype {a.dtype}, the reference gives {lowp.dtype}"
         assert_matches(a, lowp, t, name)
 
 
@@ -106,6 +106,48 @@ def test_residual_gate_matches_reference(B: int, T: int, D: int, dtype: torch.dt
     grads = [torch.randn(B, T, D, device=DEVICE).to(dtype) for _ in range(2)]
     check_against_reference(fused_residual, residual_gate_adaln_ref, inputs, grads,
                             RESIDUAL_NAMES)
+
+
+MIXED = pytest.mark.parametrize(
+    "B, T, D, dtype",
+    [(3, 7, 72, torch.bfloat16), (1, 63, 1152, torch.bfloat16), (3, 1, 384, torch.float16),
+     (2, 256, 72, torch.bfloat16), (1, 7, 1152, torch.float16)],
+    ids=lambda v: str(v).replace("torch.", ""))
+
+
+def mixed(inputs: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    """The bf16-autocast training layout: x (the residual stream) fp32, the rest `dtype`."""
+    return [inputs[0].float()] + [t.to(dtype) for t in inputs[1:]]
+
+
+@MIXED
+def test_modulate_mixed_dtypes_match_reference(B: int, T: int, D: int,
+                                               dtype: torch.dtype) -> None:
+    inputs = mixed(modulate_inputs(B, T, D), dtype)
+    dout = torch.randn(B, T, D, device=DEVICE).to(dtype)  # grad of the compute-dtype output
+    check_against_reference(fused_modulate, adaln_modulate_ref, inputs, [dout], MODULATE_NAMES)
+
+
+@MIXED
+def test_residual_gate_mixed_dtypes_match_reference(B: int, T: int, D: int,
+                                                    dtype: torch.dtype) -> None:
+    inputs = mixed(residual_inputs(B, T, D), dtype)
+    grads = [torch.randn(B, T, D, device=DEVICE), torch.randn(B, T, D, device=DEVICE).to(dtype)]
+    check_against_reference(fused_residual, residual_gate_adaln_ref, inputs, grads,
+                            RESIDUAL_NAMES)
+
+
+def test_mixed_dtype_contract() -> None:
+    """x_out and dx keep the residual stream's fp32; h and every other grad the compute
+    dtype, in the reference and the fused op alike."""
+    inputs = mixed(residual_inputs(2, 7, 72), torch.bfloat16)
+    grads = [torch.randn(2, 7, 72, device=DEVICE), torch.randn(2, 7, 72).bfloat16()]
+    expected = [torch.float32, torch.bfloat16, torch.float32] + [torch.bfloat16] * 4
+    for fn in (fused_residual, residual_gate_adaln_ref, residual_gate_adaln):
+        got = [t.dtype for t in run(fn, inputs, grads)]
+        assert got == expected, f"{getattr(fn, '__name__', fn)}: {got}"
+    got = [t.dtype for t in run(fused_modulate, [inputs[0], *inputs[3:]], grads[1:])]
+    assert got == [torch.bfloat16, torch.float32, torch.bfloat16, torch.bfloat16]
 
 
 @pytest.mark.parametrize("used", ["h_only", "x_out_only"])
@@ -202,17 +244,26 @@ def test_reference_backend_and_wide_rows_use_the_reference() -> None:
     assert torch.equal(out, adaln_modulate_ref(*wide))
 
 
-def test_torch_compile_fullgraph_matches_eager() -> None:
+@pytest.mark.parametrize("layout", ["fp32", "mixed"])
+def test_torch_compile_fullgraph_matches_eager(layout: str) -> None:
+    """The fake impls give compile the right dtypes: mixed is fp32 x with bf16 compute."""
     def block(x, y, gate, shift, scale):
         x_out, h = residual_gate_adaln(x, y, gate, shift, scale)
-        return (adaln_modulate(h, shift, scale) * x_out).sum()
+        return (adaln_modulate(h, shift, scale).float() * x_out).sum()
 
     inputs = residual_inputs(2, 8, 32)
+    if layout == "mixed":
+        inputs = mixed(inputs, torch.bfloat16)
     compiled = torch.compile(block, fullgraph=True)
     expected = run(block, inputs, [torch.tensor(1.0, device=DEVICE)])
     actual = run(compiled, inputs, [torch.tensor(1.0, device=DEVICE)])
     for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
-        assert_close_fp32(a, e, f"compiled output/grad {i}")
+        assert a.dtype == e.dtype, f"compiled output/grad {i}: {a.dtype} != {e.dtype}"
+        if a.dtype == torch.float32:
+            assert_close_fp32(a, e, f"compiled output/grad {i}")
+        else:  # the same kernels on the same inputs; allow one rounding of the reordering
+            ulp = torch.finfo(a.dtype).eps * float(e.float().abs().max())
+            assert float((a.float() - e.float()).abs().max()) <= ulp, f"grad {i}"
 
 
 def test_bad_inputs_name_the_argument() -> None:
@@ -234,6 +285,10 @@ def test_bad_inputs_name_the_argument() -> None:
         (TypeError, "y is torch.bfloat16",
          lambda: residual_gate_adaln(x, y.bfloat16(), gate, shift, scale)),
         (ValueError, "scale on meta", lambda: adaln_modulate(x, shift, scale.to("meta"))),
+        (TypeError, "x \\(the residual stream\\) must be float32",
+         lambda: adaln_modulate(x.bfloat16(), shift.half(), scale.half())),
+        (TypeError, "share the dtype of y/gate/shift/scale",
+         lambda: residual_gate_adaln(x.half(), y, gate, shift, scale)),
         (ValueError, "eps", lambda: adaln_modulate(x, shift, scale, eps=0.0)),
     ]
     for error, match, call in cases:
@@ -243,17 +298,23 @@ def test_bad_inputs_name_the_argument() -> None:
 
 # ----------------------------------------------------------------------------- GPU only
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", [*DTYPES, "mixed"], ids=str)
 @pytest.mark.parametrize("T", [205, 256])
-def test_gpu_full_size_matches_reference(T: int, dtype: torch.dtype) -> None:
+def test_gpu_full_size_matches_reference(T: int, dtype: torch.dtype | str) -> None:
+    """The "mixed" layout is bf16-autocast training's: fp32 x, everything else bf16."""
     B, D = 32, 1152
-    inputs = [t.to(dtype) for t in residual_inputs(B, T, D, "cuda")]
-    grads = [torch.randn(B, T, D, device="cuda").to(dtype) for _ in range(2)]
+    if dtype == "mixed":
+        inputs = mixed(residual_inputs(B, T, D, "cuda"), torch.bfloat16)
+        grads = [torch.randn(B, T, D, device="cuda"),
+                 torch.randn(B, T, D, device="cuda").bfloat16()]
+    else:
+        inputs = [t.to(dtype) for t in residual_inputs(B, T, D, "cuda")]
+        grads = [torch.randn(B, T, D, device="cuda").to(dtype) for _ in range(2)]
     check_against_reference(fused_residual, residual_gate_adaln_ref, inputs, grads,
                             RESIDUAL_NAMES)
     modulate = [inputs[0], inputs[3], inputs[4]]
-    check_against_reference(fused_modulate, adaln_modulate_ref, modulate, grads[:1],
-                            MODULATE_NAMES)
+    dh = grads[1:] if dtype == "mixed" else grads[:1]  # the grad of h, in h's dtype
+    check_against_reference(fused_modulate, adaln_modulate_ref, modulate, dh, MODULATE_NAMES)
 
 
 @pytest.mark.gpu

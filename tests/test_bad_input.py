@@ -11,8 +11,8 @@ import pytest
 from test_latents import shards  # noqa: F401  (the module fixture)
 from test_train import small_batches, tiny_config
 
-from train.cli import main
-from train.latents import LatentShards
+from sddit.cli import main
+from train.data.latents import LatentShards
 from train.loop import train
 
 

@@ -1,4 +1,4 @@
-"""The `sddit` CLI: train a few steps of tiny, sample it (through `python -m train.cli`),
+"""The `sddit` CLI: train a few steps of tiny, sample it (through `python -m sddit`),
 config errors, and a seconds-long demo."""
 
 import json
@@ -9,7 +9,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from train.cli import main
+from sddit.cli import main
 from train.logging_utils import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,7 +33,7 @@ def test_train_then_sample(tmp_path, capsys) -> None:
     assert os.path.isfile(os.path.join(run, "ckpt-00000003.pt"))
 
     env = dict(os.environ, PYTHONPATH=ROOT)
-    proc = subprocess.run([sys.executable, "-m", "train.cli", "sample", "--ckpt", run,
+    proc = subprocess.run([sys.executable, "-m", "sddit", "sample", "--ckpt", run,
                            "--num", "6", "--steps", "2", "--classes", "0", "3", "--out",
                            str(tmp_path / "s"), "--device", "cpu"],
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)

@@ -116,7 +116,7 @@ def test_every_preset_loads_and_names_a_model() -> None:
     ("run.device='tpu'", "run.device must be"),
 ])
 def test_every_field_is_checked_before_any_work(override, message, capsys) -> None:
-    from train.cli import main
+    from sddit.cli import main
 
     assert main(["train", "--config", CONFIG, "--set", override]) == 2
     err = capsys.readouterr().err

@@ -13,7 +13,7 @@ from test_data import make_image_folder, sample_ids, truncate
 from test_latents import PoolEncoder
 
 from train.data import CorruptImageError, DataConfig, build_batches
-from train.latents import prepare_latents
+from train.data.latents import prepare_latents
 
 pytest.importorskip("nvidia.dali")
 

@@ -17,8 +17,9 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import metrics
-from metrics import cli
 from metrics.statistics import RunningStatistics
+from sddit import eval as cli
+from sddit.cli import main as sddit_main
 
 
 def test_eval_parser_registers_as_a_subcommand() -> None:
@@ -59,8 +60,9 @@ def test_eval_cli_on_a_checkpoint_writes_the_record(tmp_path, capsys) -> None:
     ref = tmp_path / "ref.npz"
     metrics.save_reference(ref, metrics.Reference(mu, sigma, feats, {"dataset": "random"}))
     out = tmp_path / "eval" / "record.json"
-    rc = cli.main(
+    rc = sddit_main(
         [
+            "eval",
             "--ckpt",
             str(run_dir),
             "--num",

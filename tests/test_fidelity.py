@@ -7,8 +7,10 @@ import json
 import math
 import os
 
+import numerics
 import pytest
 import torch
+from numerics import model_batch
 
 import model
 import sdkernels
@@ -23,17 +25,11 @@ def sd_micro(**overrides) -> model.DiffusionTransformer:
 
 
 def perturb_(net: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * scale)
+    numerics.perturb_(net, scale, seed)
 
 
 def batch(net: model.DiffusionTransformer, n: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
-    c = net.config
-    gen = torch.Generator().manual_seed(7)
-    return (torch.randn(n, c.in_channels, c.input_size, c.input_size, generator=gen),
-            torch.randint(0, c.num_classes, (n,), generator=gen))
+    return model_batch(net, n, seed=7)
 
 
 def twin(net: model.DiffusionTransformer, **overrides) -> model.DiffusionTransformer:

@@ -22,7 +22,7 @@ from train.data import (
     noise_generator,
     sample_latents,
 )
-from train.latents import add_prepare_latents_parser, load_vae_encoder, prepare_latents
+from train.data.latents import add_prepare_latents_parser, load_vae_encoder, prepare_latents
 
 RESOLUTION = 16
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import os
 
+import numerics
 import numpy as np
 import pytest
 import torch
+from numerics import model_batch
 from torch.utils.flop_counter import FlopCounterMode
 
 import model
@@ -26,17 +28,11 @@ def micro(**overrides) -> model.DiffusionTransformer:
 
 
 def perturb_(net: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * scale)
+    numerics.perturb_(net, scale, seed)
 
 
 def batch(net, n: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
-    c = net.config
-    gen = torch.Generator().manual_seed(5)
-    return (torch.randn(n, c.in_channels, c.input_size, c.input_size, generator=gen),
-            torch.randint(0, c.num_classes, (n,), generator=gen))
+    return model_batch(net, n, seed=5)
 
 
 # ----------------------------------------------------------------------------- structure
@@ -249,10 +245,9 @@ def test_analytic_flops_count_both_passes_and_the_side_interpolater() -> None:
 # ----------------------------------------------------------------------------- end to end
 def test_tiny_mdt_trains_samples_and_is_scored(tmp_path) -> None:
     import metrics
-    from metrics import cli as eval_cli
+    from sddit.cli import main as sddit
     from tests.test_train import small_batches, tiny_config
     from train import checkpoint as ckpt
-    from train.cli import main as sddit
     from train.loop import train
 
     cfg = tiny_config(tmp_path / "run", 'model.name="MDT-tiny"',
@@ -277,7 +272,7 @@ def test_tiny_mdt_trains_samples_and_is_scored(tmp_path) -> None:
     ref = tmp_path / "ref.npz"
     metrics.save_reference(ref, metrics.Reference(mu, sigma, feats, {"dataset": "random"}))
     record_path = tmp_path / "eval" / "record.json"
-    assert eval_cli.main(["--ckpt", str(tmp_path / "run"), "--num", "6", "--steps", "1",
+    assert sddit(["eval", "--ckpt", str(tmp_path / "run"), "--num", "6", "--steps", "1",
                           "--batch-size", "3", "--ref", str(ref), "--out", str(record_path),
                           "--fid-method", "features", "--device", "cpu", "--no-progress"]) == 0
     record = json.loads(record_path.read_text())

@@ -17,10 +17,11 @@ import torch
 from torch import nn
 
 import metrics
-from metrics import cli
-from metrics.inception import default_network_path, load_network, preprocess, samples_to_uint8
+from metrics.inception import default_network_path, load_network, preprocess
 from metrics.reference import animal_mnist_images, load_reference, read_reference_npz
 from metrics.statistics import RunningStatistics, frechet_distance, precision_recall
+from sddit.cli import main as sddit_main
+from train.data import samples_to_uint8
 
 REF_TRAIN = "animal-mnist:train:100"
 REF_TEST = "animal-mnist:test:100"
@@ -250,8 +251,9 @@ def test_eval_cli_on_samples_npz_needs_no_model(references, cache_dir, tmp_path,
     samples = tmp_path / "samples.npz"
     np.savez(samples, arr_0=images)
     out = tmp_path / "eval.json"
-    rc = cli.main(
+    rc = sddit_main(
         [
+            "eval",
             "--samples",
             str(samples),
             "--ref",

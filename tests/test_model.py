@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from numerics import model_batch, perturb_
 
 import model
 import sdkernels
@@ -25,17 +26,8 @@ def micro(method: str, **overrides) -> model.DiffusionTransformer:
     return model.build(f"{method}-tiny", **{**MICRO, **MICRO_METHOD[method], **overrides})
 
 
-def perturb_(net: torch.nn.Module, scale: float = 0.05) -> None:
-    """Move every parameter off its (partly zero) init so all paths carry signal."""
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * scale)
-
-
 def batch(net: model.DiffusionTransformer, n: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-    c = net.config
-    return (torch.randn(n, c.in_channels, c.input_size, c.input_size),
-            torch.randint(0, c.num_classes, (n,)))
+    return model_batch(net, n)
 
 
 def encoder_token_counts(net: model.DiffusionTransformer) -> tuple[list[int], list]:

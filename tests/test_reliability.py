@@ -133,6 +133,9 @@ def test_resume_refuses_a_changed_batch_or_seed_and_logs_other_changes(tmp_path)
     result = train(tiny_config(tmp_path, "schedule.log_every=2"), batches=small_batches(),
                    resume=True)
     assert any("schedule.log_every: 1 -> 2" in n for n in result.notes)
+    before = json.loads((tmp_path / "config-until-step00000002.json").read_text())
+    after = json.loads((tmp_path / "config.json").read_text())
+    assert (before["schedule"]["log_every"], after["schedule"]["log_every"]) == (1, 2)
 
 
 def test_a_one_rank_checkpoint_on_two_ranks_gives_each_rank_its_own_stream():
@@ -256,7 +259,7 @@ def test_a_full_disk_fails_the_save_cleanly_and_keeps_earlier_checkpoints(tmp_pa
                                                                          capsys):
     import errno
 
-    from train.cli import main
+    from sddit.cli import main
 
     config = os.path.join(ROOT, "configs", "tiny.toml")
     common = ["train", "--config", config, "--set", f"run.dir={json.dumps(str(tmp_path))}",
@@ -281,3 +284,83 @@ def test_a_full_disk_fails_the_save_cleanly_and_keeps_earlier_checkpoints(tmp_pa
     assert ckpt.list_checkpoints(str(tmp_path)) == first
     assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
     ckpt.load_checkpoint(first[-1][1])
+
+
+@pytest.mark.timeout(170)
+def test_sigterm_under_torchrun_saves_one_checkpoint_agreed_by_both_ranks(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "sddit", "train",
+           "--config", os.path.join(ROOT, "configs", "tiny.toml"),
+           "--set", f"run.dir={json.dumps(str(run))}", "--set", "run.device='cpu'",
+           "--set", "model.overrides={hidden_size=32, depth=2, num_heads=2, patch_size=8, "
+           "head_hidden_dim=32, head_bottleneck_dim=16, n_prototypes=32}",
+           "--set", "schedule.batch_size=8", "--set", "schedule.total_steps=100000",
+           "--set", "schedule.ckpt_every=0", "--set", "schedule.log_every=1",
+           "--set", "run.progress_bar=false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 100
+        while len([r for r in read_jsonl(str(run / "metrics.jsonl"))
+                   if r["event"] == "train"]) < 2:
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read()
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0, out
+    saved = ckpt.list_checkpoints(str(run))
+    assert len(saved) == 1, out
+    state = ckpt.load_checkpoint(saved[0][1])
+    assert len(state["rng"]) == 2 and state["step"] == saved[0][0] >= 2
+    end = [r for r in read_jsonl(str(run / "metrics.jsonl")) if r["event"] == "end"]
+    assert end and end[-1]["stopped_by"] == "signal"
+
+
+def test_the_graphed_step_body_equals_the_eager_step_on_cpu(tmp_path):
+    """run.cuda_graphs replays TrainStep's own body through static buffers and tensor
+    scalars; without a GPU the same plumbing runs eagerly and must match the plain step
+    bit for bit (scalars exactly representable in fp32, as a tensor holds them)."""
+    from train import loop
+    from train.distributed import DistInfo
+    from train.graphs import GraphedStep, check_cuda_graphs
+
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    cfg = tiny_config(tmp_path, "run.fused_optimizer='off'")
+    runs = []
+    for graphed in (False, True):
+        s = loop.set_up(cfg, info, None, small_batches(), [])
+        step = GraphedStep(s.step_fn, capture=False) if graphed else s.step_fn
+        stream = loop.DataStream(s.batches)
+        torch.manual_seed(1)
+        stats = []
+        for k in range(4):
+            x, y = stream.next()
+            if k == 2:  # a skipped step goes through the same device-side path
+                x = torch.full_like(x, float("nan"))
+            stats.append(step(x, y, 2.0**-10 * (k + 1), 0.75, 0.5))
+        runs.append((torch.stack(stats), s.net.state_dict(), s.ema.module.state_dict()))
+    (stats_a, net_a, ema_a), (stats_b, net_b, ema_b) = runs
+    assert torch.equal(stats_a.nan_to_num(-1), stats_b.nan_to_num(-1))
+    assert stats_a[2, -1] == 0 and stats_a[3, -1] == 1  # skipped, then applied
+    for a, b in ((net_a, net_b), (ema_a, ema_b)):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    on = tiny_config(tmp_path, "run.cuda_graphs=true")
+    with pytest.raises(ConfigError, match="needs a CUDA device"):
+        check_cuda_graphs(on, torch.device("cpu"), 1)
+    with pytest.raises(ConfigError, match="one GPU"):
+        check_cuda_graphs(on, torch.device("cuda", 0), 2)
+    with pytest.raises(ConfigError, match="mask_ratio_jitter"):
+        check_cuda_graphs(tiny_config(tmp_path, "run.cuda_graphs=true",
+                                      'model.name="MDT-tiny"',
+                                      "model.overrides={mask_ratio_jitter=0.2}"),
+                          torch.device("cuda", 0), 1)

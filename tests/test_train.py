@@ -34,7 +34,7 @@ def tiny_config(run_dir, *sets: str):
 
 def small_batches(batch_size: int = 8, num: int = 24, seed: int = 0) -> TensorBatches:
     """24 real animal-mnist images: 3 steps per epoch at batch 8, with flips."""
-    from train.animal_mnist import load_animal_mnist, to_model_range
+    from train.data.animal_mnist import load_animal_mnist, to_model_range
 
     images, labels = load_animal_mnist("train")
     sampler = EpochSampler(num, batch_size, seed=seed, hflip=True)
@@ -162,3 +162,26 @@ def test_ema_half_life_matches_edm_form() -> None:
     assert ema_beta(cfg, 0, 10_000) == pytest.approx(0.5)  # one half-life per batch
     assert ema_beta(EMAConfig(half_life_kimg=10.0, rampup_ratio=0.5), 0, 8) == 0.0
     assert ema_beta(EMAConfig(decay=0.9999), 123, 8) == 0.9999
+
+
+def test_fused_optimizer_trains_like_the_three_torch_updates(tmp_path) -> None:
+    """run.fused_optimizer='on' (one Triton pass: AdamW, teacher momentum, sampling EMA,
+    through the interpreter here) lands where the torch optimizer + lerps do, skips a
+    non-finite step on the device, and resumes."""
+    sets = ("schedule.total_steps=4", "optim.weight_decay=0.01")
+    torch_run = train(tiny_config(tmp_path / "torch", *sets, "run.fused_optimizer='off'"),
+                      batches=NaNAt(small_batches(), bad={2}))
+    fused_run = train(tiny_config(tmp_path / "fused", *sets, "run.fused_optimizer='on'"),
+                      batches=NaNAt(small_batches(), bad={2}))
+    assert torch_run.skipped_steps == fused_run.skipped_steps == 1
+    a, b = ckpt.load_checkpoint(torch_run.checkpoint), ckpt.load_checkpoint(fused_run.checkpoint)
+    for part in ("model", "ema"):
+        for key, value in a[part].items():
+            if value.is_floating_point():
+                torch.testing.assert_close(b[part][key], value, rtol=1e-5, atol=1e-6,
+                                           msg=f"{part}.{key}")
+    assert a["model"]["center"].ne(0).any()  # the teacher's centre moved, and agrees
+    more = train(tiny_config(tmp_path / "fused", "schedule.total_steps=5",
+                             "optim.weight_decay=0.01", "run.fused_optimizer='on'"),
+                 batches=small_batches(), resume=True)
+    assert more.step == 5

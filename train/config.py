@@ -78,6 +78,11 @@ class RunConfig:
     compile: bool = False
     activation_checkpointing: bool = False
     use_kernels: Literal["auto", "on", "off"] = "auto"  # auto: Triton on CUDA only
+    # One multi-tensor pass for AdamW, the teacher momentum and the sampling EMA
+    # (train/fused_optim.py); auto: on CUDA for SD-DiT-style nets without FSDP2.
+    fused_optimizer: Literal["auto", "on", "off"] = "auto"
+    # Capture the whole step as one CUDA graph (train/graphs.py says where that holds).
+    cuda_graphs: bool = False
     progress_bar: bool = True
     tensorboard: bool = True
 
@@ -331,13 +336,21 @@ def _get(cfg: Config, dotted: str) -> Any:
     return node
 
 
-def save_resolved(cfg: Config, run_dir: str) -> str:
-    """Writes the fully resolved config as JSON; `--config run/config.json` reloads it."""
+def save_resolved(cfg: Config, run_dir: str, step: int = 0) -> str:
+    """Writes the fully resolved config as JSON; `--config run/config.json` reloads it. A
+    different config.json already there (a resume with changes) is kept as
+    config-until-step<step>.json, so the run's history of settings is never lost."""
     os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, "config.json")
+    text = json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n"
+    if os.path.isfile(path):
+        with open(path) as f:
+            previous = f.read()
+        if previous == text:
+            return path
+        os.replace(path, os.path.join(run_dir, f"config-until-step{step:08d}.json"))
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(to_dict(cfg), f, indent=2, sort_keys=True)
-        f.write("\n")
+        f.write(text)
     os.replace(tmp, path)
     return path

@@ -1,7 +1,7 @@
 """Distributed set-up, applied from outside the model: torchrun env:// init, DDP or FSDP2.
 
 Launch multi-GPU or multi-node runs with torchrun, e.g.
-    torchrun --nproc-per-node 8 -m train.cli train --config configs/sd-dit-xl2.toml
+    torchrun --nproc-per-node 8 -m sddit train --config configs/sd-dit-xl2.toml
     torchrun --nnodes 2 --node-rank R --rdzv-endpoint HOST:PORT --nproc-per-node 8 ...
 The model is written for one device; this module wraps it. Nothing here is a launcher.
 """

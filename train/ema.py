@@ -69,6 +69,11 @@ class SamplingEMA:
         ema_params, live_params = self._pairs(net)
         if ema_params:
             torch._foreach_lerp_(ema_params, [p.detach() for p in live_params], 1.0 - beta)
+        self.copy_buffers(net)
+
+    @torch.no_grad()
+    def copy_buffers(self, net: nn.Module) -> None:
+        """Buffers are copied as they are (the fused optimizer averages the parameters)."""
         live_buffers = {clean_name(n): b for n, b in net.named_buffers()}
         for name, buf in self.module.named_buffers():
             _local(buf).copy_(_local(live_buffers[name]))

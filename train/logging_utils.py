@@ -133,7 +133,7 @@ def to_uint8_images(images: torch.Tensor) -> np.ndarray:
     elif x.shape[1] == 2:
         x = x[:, :1]
     # The same quantisation FID applies, so a saved .npz scores like the samples did.
-    from metrics.inception import samples_to_uint8
+    from train.data.images import samples_to_uint8
 
     return samples_to_uint8(x).permute(0, 2, 3, 1).numpy()
 

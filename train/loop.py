@@ -40,8 +40,14 @@ from train import checkpoint as ckpt
 from train import distributed as D
 from train.config import Config, ConfigError, save_resolved, to_dict
 from train.ema import SamplingEMA, ema_beta
+from train.graphs import GraphedStep, check_cuda_graphs
 from train.logging_utils import GpuTelemetry, MetricsLogger, plot_loss_curve, read_jsonl
-from train.optim import build_optimizer, learning_rate
+from train.optim import (
+    build_fused_optimizer,
+    build_optimizer,
+    learning_rate,
+    wants_fused_optimizer,
+)
 from train.resume import config_changes, plan_resume
 from train.signals import StopSignals
 from train.step import StepSettings, TrainStep
@@ -114,7 +120,7 @@ class Session:
     net: nn.Module
     ema: SamplingEMA
     optimizer: torch.optim.Optimizer
-    step_fn: TrainStep
+    step_fn: TrainStep | GraphedStep
     build_record: dict
     logger: MetricsLogger
     telemetry: GpuTelemetry
@@ -161,7 +167,9 @@ def autocast_context(cfg: Config, device: torch.device):
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
     if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        # Graph capture needs autocast's weight-cast cache off (train/graphs.py).
+        return torch.autocast(device.type, dtype=torch.bfloat16,
+                              cache_enabled=not cfg.run.cuda_graphs)
     return contextlib.nullcontext()
 
 
@@ -176,9 +184,11 @@ def rank_seed(seed: int, rank: int) -> int:
     return seed + 1_000_003 * rank
 
 
-def _set_up(cfg: Config, info: D.DistInfo, net: nn.Module | None, batches,
+def set_up(cfg: Config, info: D.DistInfo, net: nn.Module | None, batches,
             notes: list[str]) -> Session:
-    """Data, model (same init on every rank), sampling EMA, wrappers, optimizer, step."""
+    """Data, model (same init on every rank), sampling EMA, wrappers, optimizer, step: what
+    a run trains with. Public so that `sddit bench step` and `sddit profile` time and
+    profile exactly the loop's step."""
     device = info.device
     local_batch = cfg.schedule.batch_size // info.world_size
     logger = MetricsLogger(cfg.run.dir, enabled=info.is_main, tensorboard=cfg.run.tensorboard)
@@ -205,11 +215,18 @@ def _set_up(cfg: Config, info: D.DistInfo, net: nn.Module | None, batches,
         D.shard_fsdp2(ema.module, info)
     if cfg.run.compile:
         loss_module.compile()
-    optimizer = build_optimizer([p for p in net.parameters() if p.requires_grad], cfg.optim,
-                                device)
+    autocast = autocast_context(cfg, device)
+    fused_mode = "off" if cfg.run.cuda_graphs else cfg.run.fused_optimizer
+    if wants_fused_optimizer(fused_mode, device, net, D.is_sharded(net)):
+        optimizer = build_fused_optimizer(net, ema.module, cfg.optim,
+                                          teacher_shadow=isinstance(autocast, torch.autocast))
+    else:
+        optimizer = build_optimizer([p for p in net.parameters() if p.requires_grad],
+                                    cfg.optim, device)
     step_fn = TrainStep(net, loss_module, optimizer, ema, info,
-                        StepSettings(cfg.optim.grad_clip, cfg.schedule.batch_size),
-                        autocast_context(cfg, device))
+                        StepSettings(cfg.optim.grad_clip, cfg.schedule.batch_size), autocast)
+    if cfg.run.cuda_graphs:
+        step_fn = GraphedStep(step_fn)
     telemetry = GpuTelemetry(device)
     notes = notes + logger.notes + ([telemetry.note] if telemetry.note else [])
     return Session(cfg, info, batches, net, ema, optimizer, step_fn,
@@ -226,6 +243,8 @@ def _restore(s: Session, state: dict | None) -> Progress:
         D.load_full_model_state(s.net, state["model"])
         D.load_full_model_state(s.ema.module, state["ema"])
         D.load_full_optimizer_state(s.net, s.optimizer, state["optimizer"])
+        if hasattr(s.optimizer, "refresh_shadows"):  # bf16 teacher copies of loaded weights
+            s.optimizer.refresh_shadows()
         progress = Progress(step=state["step"], images_seen=state["images_seen"],
                             skipped=state["skipped_steps"], elapsed_before=state["elapsed_s"],
                             epoch=state["data"]["epoch"], position=state["data"]["position"],
@@ -392,12 +411,13 @@ def train(cfg: Config, *, resume: bool | str = False, stop_after: int | None = N
     if cfg.schedule.batch_size % info.world_size:
         raise ConfigError(f"schedule.batch_size {cfg.schedule.batch_size} is not divisible "
                           f"by the {info.world_size} ranks")
+    check_cuda_graphs(cfg, info.device, info.world_size)
     plan = plan_resume(cfg.run.dir, resume, fresh, info)
     state = ckpt.load_checkpoint(plan.path) if plan.path else None
     notes = list(plan.notes)
     if state is not None:
         notes += config_changes(state["config"], to_dict(cfg), allow_config_change)
-    s = _set_up(cfg, info, net, batches, notes)
+    s = set_up(cfg, info, net, batches, notes)
     progress = _restore(s, state)
     progress.last_ckpt = plan.path
     del state
@@ -418,7 +438,7 @@ def train(cfg: Config, *, resume: bool | str = False, stop_after: int | None = N
 def _announce(s: Session, p: Progress, resumed_from: str | None) -> None:
     if not s.info.is_main:
         return
-    save_resolved(s.cfg, s.cfg.run.dir)
+    save_resolved(s.cfg, s.cfg.run.dir, p.step)
     s.logger.log({"event": "start", "step": p.step, "world_size": s.info.world_size,
                   "device": str(s.info.device), "resumed_from": resumed_from,
                   "num_params": sum(q.numel() for q in s.step_fn.params),
@@ -443,11 +463,13 @@ def _run_steps(s: Session, p: Progress, stop_after: int | None, signals: StopSig
                               _teacher_momentum(s.net, p.step, plan),
                               ema_beta(cfg.ema, p.images_seen, sched.batch_size))
             window.append(p.step, stats)
-            p.step, p.images_seen, steps_this_run = p.step + 1, p.images_seen + sched.batch_size, \
-                steps_this_run + 1
+            p.step += 1
+            p.images_seen += sched.batch_size
             p.epoch, p.position = stream.epoch, stream.position
+            steps_this_run += 1
             if bar is not None:
-                bar.total = plan if sched.max_minutes > 0 else bar.total
+                if sched.max_minutes > 0:  # a time budget's ETA aims at the planned length
+                    bar.total = plan
                 bar.update(1)
             _periodic(s, p, window, bar, plan, time.monotonic() - start)
             stopped = _should_stop(s, p, signals, planned, stop_after, steps_this_run)

@@ -18,6 +18,7 @@ NVTX timelines name them.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -68,7 +69,9 @@ class TrainStep:
         self.info, self.settings, self.autocast = info, settings, autocast
         self.params = [p for p in net.parameters() if p.requires_grad]
         self.part_names: list[str] | None = None
-        self.device_skip = supports_found_inf(optimizer)
+        # FusedAdamWEMA does optimizer, teacher and EMA in one pass (train/fused_optim.py).
+        self.fused = hasattr(optimizer, "teacher_in_bf16")
+        self.device_skip = self.fused or supports_found_inf(optimizer)
         # Buffers a forward may update (SD-DiT's centre), restored when a step is skipped,
         # so a bad batch leaves no trace.
         self.buffers = [b for b in net.buffers() if b.is_floating_point()]
@@ -79,7 +82,8 @@ class TrainStep:
         with record_function("phase:forward"):
             if self.buffers:
                 torch._foreach_copy_(self.snapshot, self.buffers)
-            with self.autocast:
+            shadows = self.optimizer.teacher_in_bf16() if self.fused else nullcontext()
+            with self.autocast, shadows:
                 losses = self.loss_module(x, y)
         with record_function("phase:backward"):
             losses["loss"].backward()
@@ -111,6 +115,9 @@ class TrainStep:
         if not self.device_skip and not bool(finite):  # apex: one host read, then skip
             self._skip()
             return
+        if self.fused:
+            self._apply_fused(lr, teacher_momentum, ema_beta, finite, weight)
+            return
         with record_function("phase:optimizer"):
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
@@ -118,15 +125,28 @@ class TrainStep:
                 self.optimizer.found_inf = 1.0 - weight
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        if self.buffers:  # before the EMA, which copies the live buffers
-            restored = [torch.where(finite, b, s) for b, s in zip(self.buffers, self.snapshot,
-                                                                  strict=True)]
-            torch._foreach_copy_(self.buffers, restored)
+        self._restore_buffers(finite)  # before the EMA, which copies the live buffers
         with record_function("phase:teacher_ema"), torch.no_grad():
             # momentum 1 leaves the teacher unchanged: m_eff = 1 - (1 - m) * weight
             self.net.update_teacher(1.0 - (1.0 - teacher_momentum) * weight)
         with record_function("phase:sampling_ema"):
             self.ema.update(self.net, 1.0 - (1.0 - ema_beta) * weight)
+
+    def _apply_fused(self, lr: float, teacher_momentum: float, ema_beta: float,
+                     finite: torch.Tensor, weight: torch.Tensor) -> None:
+        with record_function("phase:optimizer_teacher_ema"):
+            self.optimizer.step(lr, teacher_momentum=teacher_momentum, ema_beta=ema_beta,
+                                found_inf=1.0 - weight)
+            self.optimizer.zero_grad(set_to_none=True)
+        self._restore_buffers(finite)
+        with record_function("phase:sampling_ema"):
+            self.ema.copy_buffers(self.net)
+
+    def _restore_buffers(self, finite: torch.Tensor) -> None:
+        if self.buffers:
+            restored = [torch.where(finite, b, s) for b, s in zip(self.buffers, self.snapshot,
+                                                                  strict=True)]
+            torch._foreach_copy_(self.buffers, restored)
 
     def _skip(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)

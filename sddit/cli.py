@@ -1,20 +1,23 @@
-"""The `sddit` command line: train | sample | prepare-latents | eval | demo.
+"""The `sddit` command line: train | sample | prepare-latents | eval | demo | bench | profile.
 
     sddit train --config configs/tiny.toml --set schedule.total_steps=500 --set optim.lr=3e-4
     sddit train --config configs/tiny.toml --resume            # continue run.dir's newest
-    torchrun --nproc-per-node 8 -m train.cli train --config configs/sd-dit-xl2.toml
+    torchrun --nproc-per-node 8 -m sddit train --config configs/sd-dit-xl2.toml
     sddit sample --ckpt runs/tiny --num 64 --cfg-scale 1.5
-    sddit demo --minutes 10
+    sddit demo --steps 1100
 
-`python -m train.cli ...` is the same program.
+`python -m sddit ...` is the same program.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
+from bench.cli import add_bench_parser, add_profile_parser, run_bench, run_profile
+from sddit.demo import add_demo_parser, run_demo
+from sddit.eval import add_eval_parser, run_eval
+from train.data.latents import add_prepare_latents_parser, run_prepare_latents
 from train.sample import add_sample_parser, run_sample
 
 
@@ -65,42 +68,22 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_optional(subparsers: argparse._SubParsersAction, name: str, module: str,
-                  add: str, run: str, help_text: str) -> None:
-    """Registers a subcommand that another package provides; if it cannot be imported the
-    command still exists and explains why it is unavailable."""
-    try:
-        mod = importlib.import_module(module)
-        getattr(mod, add)(subparsers)
-        runner = getattr(mod, run)
-        parser = subparsers.choices[name]
-        parser.set_defaults(func=runner)
-    except (ImportError, AttributeError) as exc:
-        reason = f"{module} is unavailable: {exc}"
-        p = subparsers.add_parser(name, help=f"{help_text} (unavailable)", add_help=True)
-        p.set_defaults(func=lambda _args: _unavailable(name, reason))
-
-
-def _unavailable(name: str, reason: str) -> int:
-    print(f"sddit {name}: {reason}", file=sys.stderr)
-    return 2
-
-
 def build_parser() -> argparse.ArgumentParser:
+    """Every command, each registered by the layer that runs it."""
     parser = argparse.ArgumentParser(prog="sddit", description="SD-DiT trainer")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_train_parser(subparsers)
     subparsers.choices["train"].set_defaults(func=run_train)
     add_sample_parser(subparsers)
     subparsers.choices["sample"].set_defaults(func=run_sample)
-    _add_optional(subparsers, "prepare-latents", "train.latents", "add_prepare_latents_parser",
-                  "run_prepare_latents", "encode an image folder into VAE latent shards")
-    _add_optional(subparsers, "eval", "metrics.cli", "add_eval_parser", "run_eval",
-                  "FID of a checkpoint")
-    from train.demo import add_demo_parser, run_demo
-
+    add_prepare_latents_parser(subparsers)
+    subparsers.choices["prepare-latents"].set_defaults(func=run_prepare_latents)
+    add_eval_parser(subparsers)
+    subparsers.choices["eval"].set_defaults(func=run_eval)
     add_demo_parser(subparsers)
     subparsers.choices["demo"].set_defaults(func=run_demo)
+    add_bench_parser(subparsers).set_defaults(func=run_bench)
+    add_profile_parser(subparsers).set_defaults(func=run_profile)
     return parser
 
 

@@ -1,10 +1,10 @@
-"""`sddit eval` / `python -m metrics.cli`: FID, IS and precision/recall of a checkpoint's
+"""`sddit eval` / `python -m sddit eval`: FID, IS and precision/recall of a checkpoint's
 sampling EMA (``--ckpt``) or of samples produced elsewhere (``--samples``).
 
-    python -m metrics.cli --ckpt runs/demo --num 1000 --ref animal-mnist --out eval.json
-    torchrun --nproc-per-node 8 -m metrics.cli --ckpt ckpt.pt --num 50000 \\
+    python -m sddit eval --ckpt runs/demo --num 1000 --ref animal-mnist --out eval.json
+    torchrun --nproc-per-node 8 -m sddit eval --ckpt ckpt.pt --num 50000 \\
         --ref VIRTUAL_imagenet256_labeled.npz --cfg-scale 1.5 --out fid50k.json
-    python -m metrics.cli --samples samples.npz --ref animal-mnist --out eval.json
+    python -m sddit eval --samples samples.npz --ref animal-mnist --out eval.json
 """
 
 from __future__ import annotations
@@ -209,17 +209,3 @@ def run_eval(args: argparse.Namespace) -> int:
         if args.out:
             print(f"record written to {args.out}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m metrics.cli",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_arguments(parser)
-    return run_eval(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -26,15 +26,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from train.data import (
-    CorruptImageError,
-    EpochSampler,
-    ImageFolder,
-    SourceBase,
-    adm_crop_plan,
-    decode_image,
-)
-from train.latents import LatentShards
+from train.data.images import CorruptImageError, ImageFolder, adm_crop_plan, decode_image
+from train.data.latents import LatentShards
+from train.data.sampler import EpochSampler
+from train.data.sources import SourceBase
 
 
 @functools.cache

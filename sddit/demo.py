@@ -159,6 +159,6 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"  checkpoint:                      {result.checkpoint}")
     print(f"  metrics (JSONL):                 {result.metrics}")
     print(f"  {fid_line}")
-    print(f"  more samples: python -m train.cli sample --ckpt {run_dir} --num 100 "
+    print(f"  more samples: python -m sddit sample --ckpt {run_dir} --num 100 "
           f"--cfg-scale {args.grid_cfg_scale:g}")
     return 0

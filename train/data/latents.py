@@ -24,7 +24,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from train.data import CorruptImageError, ImageFolderDataset, usable_images
+from train.data.images import CorruptImageError, ImageFolderDataset, usable_images
+from train.data.sources import worker_options
 
 Encoder = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 SD_VAE_SCALE = 0.18215
@@ -33,7 +34,7 @@ LATENT_FORMAT = "sddit-latent-shards"
 
 
 class LatentShards:
-    """Reads an index written by `train.latents.prepare_latents`; shards are memory-mapped."""
+    """Reads an index written by `train.data.latents.prepare_latents`; shards are memory-mapped."""
 
     def __init__(self, root: str):
         index_path = os.path.join(root, LATENT_INDEX)
@@ -195,6 +196,73 @@ class _TolerantDataset(torch.utils.data.Dataset):
             return exc
 
 
+def _check_prepare_args(encode, vae_path, dtype: str, on_corrupt: str, sizes: dict,
+                        out_dir: str, overwrite: bool) -> None:
+    if (encode is None) == (vae_path is None):
+        raise ValueError("give exactly one of vae_path (a local AutoencoderKL folder) or encode")
+    if dtype not in ("float16", "float32"):
+        raise ValueError(f"dtype must be 'float16' or 'float32', got {dtype!r}")
+    if on_corrupt not in ("error", "skip"):
+        raise ValueError(f"on_corrupt must be 'error' or 'skip', got {on_corrupt!r}")
+    for name, value in sizes.items():
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if os.path.exists(os.path.join(out_dir, LATENT_INDEX)) and not overwrite:
+        raise FileExistsError(f"out_dir {out_dir!r} already holds a {LATENT_INDEX}; "
+                              "pass overwrite=True (--overwrite) to replace it")
+
+
+def _resolve_encoder(encode: Encoder | None, vae_path: str | None, scale: float | None,
+                     device: torch.device) -> tuple[Encoder, float, str]:
+    """(encode, scale, a name for the provenance record)."""
+    if vae_path is not None:
+        encode, vae_scale = load_vae_encoder(vae_path, device)
+        scale = scale or vae_scale
+        name = f"diffusers.AutoencoderKL:{os.path.abspath(vae_path)}"
+    else:
+        if scale is None:
+            raise ValueError("scale is required with a custom encode callable "
+                             f"(the SD VAE's is {SD_VAE_SCALE})")
+        name = getattr(encode, "__qualname__", type(encode).__name__)
+    if not scale > 0:
+        raise ValueError(f"scale must be > 0, got {scale!r}")
+    return encode, scale, name
+
+
+@torch.no_grad()
+def _encode_folder(loader, encode: Encoder, writer: _ShardWriter, device: torch.device,
+                   on_corrupt: str, skipped: list[str], bar) -> list[int] | None:
+    """Encodes every batch (and its mirror image) into the writer; the moment shape."""
+    moment_shape = None
+    for items in loader:
+        good = []
+        for item in items:
+            if isinstance(item, CorruptImageError):
+                if on_corrupt == "error":
+                    raise item
+                skipped.append(item.path)
+            else:
+                good.append(item)
+        bar.update(len(items))
+        if not good:
+            continue
+        pixels = torch.stack([p for p, _ in good]).to(device)  # uint8 [B, 3, H, W]
+        x = pixels.float() / 127.5 - 1.0
+        moments = _encode_moments(encode, x)  # [B, 2C, h, w]
+        flipped = _encode_moments(encode, x.flip(-1))
+        moment_shape = moment_shape or list(moments.shape[1:])
+        writer.add(moments.cpu().numpy(), flipped.cpu().numpy(),
+                   np.array([label for _, label in good]))
+    return moment_shape
+
+
+def _write_index(out_dir: str, index: dict) -> None:
+    tmp_path = os.path.join(out_dir, LATENT_INDEX + ".tmp")
+    with open(tmp_path, "w") as f:
+        json.dump(index, f, indent=1)
+    os.replace(tmp_path, os.path.join(out_dir, LATENT_INDEX))
+
+
 def prepare_latents(image_folder: str, out_dir: str, *, encode: Encoder | None = None,
                     vae_path: str | None = None, scale: float | None = None,
                     resolution: int = 256, batch_size: int = 32, shard_size: int = 8192,
@@ -208,69 +276,26 @@ def prepare_latents(image_folder: str, out_dir: str, *, encode: Encoder | None =
     """
     from tqdm.auto import tqdm
 
-    if (encode is None) == (vae_path is None):
-        raise ValueError("give exactly one of vae_path (a local AutoencoderKL folder) or encode")
-    if dtype not in ("float16", "float32"):
-        raise ValueError(f"dtype must be 'float16' or 'float32', got {dtype!r}")
-    if on_corrupt not in ("error", "skip"):
-        raise ValueError(f"on_corrupt must be 'error' or 'skip', got {on_corrupt!r}")
-    for name, value in (("resolution", resolution), ("batch_size", batch_size),
-                        ("shard_size", shard_size)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if os.path.exists(os.path.join(out_dir, LATENT_INDEX)) and not overwrite:
-        raise FileExistsError(f"out_dir {out_dir!r} already holds a {LATENT_INDEX}; "
-                              "pass overwrite=True (--overwrite) to replace it")
+    _check_prepare_args(encode, vae_path, dtype, on_corrupt, {
+        "resolution": resolution, "batch_size": batch_size, "shard_size": shard_size},
+        out_dir, overwrite)
     device = torch.device(device)
     folder, skipped = usable_images(image_folder, "error", num_workers)  # lists; no scan
-    if vae_path is not None:
-        encode, vae_scale = load_vae_encoder(vae_path, device)
-        scale = scale or vae_scale
-        encoder_name = f"diffusers.AutoencoderKL:{os.path.abspath(vae_path)}"
-    else:
-        if scale is None:
-            raise ValueError("scale is required with a custom encode callable "
-                             f"(the SD VAE's is {SD_VAE_SCALE})")
-        encoder_name = getattr(encode, "__qualname__", type(encode).__name__)
-    if not scale > 0:
-        raise ValueError(f"scale must be > 0, got {scale!r}")
+    encode, scale, encoder_name = _resolve_encoder(encode, vae_path, scale, device)
     os.makedirs(out_dir, exist_ok=True)
-
     loader = torch.utils.data.DataLoader(
         _TolerantDataset(ImageFolderDataset(folder, resolution)), batch_size=batch_size,
-        num_workers=num_workers, collate_fn=_as_list)
+        num_workers=num_workers, collate_fn=_as_list,
+        **worker_options(num_workers, persistent=False))
     writer = _ShardWriter(out_dir, shard_size, np.dtype(dtype))
-    moment_shape = None
-    bar = tqdm(total=len(folder.paths), desc="prepare-latents", unit="img",
-               disable=not progress or None)
-    with torch.no_grad():
-        for items in loader:
-            good = []
-            for item in items:
-                if isinstance(item, CorruptImageError):
-                    if on_corrupt == "error":
-                        raise item
-                    skipped.append(item.path)
-                else:
-                    good.append(item)
-            bar.update(len(items))
-            if not good:
-                continue
-            pixels = torch.stack([p for p, _ in good]).to(device)  # uint8 [B, 3, H, W]
-            x = pixels.float() / 127.5 - 1.0
-            moments = _encode_moments(encode, x)  # [B, 2C, h, w]
-            flipped = _encode_moments(encode, x.flip(-1))
-            if moment_shape is None:
-                moment_shape = list(moments.shape[1:])
-            writer.add(moments.cpu().numpy(), flipped.cpu().numpy(),
-                       np.array([label for _, label in good]))
-    bar.close()
+    with tqdm(total=len(folder.paths), desc="prepare-latents", unit="img",
+              disable=not progress or None) as bar:
+        moment_shape = _encode_folder(loader, encode, writer, device, on_corrupt, skipped, bar)
     writer.close()
     if moment_shape is None:
         raise ValueError(f"no readable images in {image_folder!r}")
-    count = sum(s["count"] for s in writer.shards)
     index = {
-        "format": LATENT_FORMAT, "version": 1, "count": count,
+        "format": LATENT_FORMAT, "version": 1, "count": sum(s["count"] for s in writer.shards),
         "moment_shape": moment_shape, "latent_shape": [moment_shape[0] // 2] + moment_shape[1:],
         "dtype": dtype, "scale": float(scale), "class_names": folder.class_names,
         "num_classes": len(folder.class_names), "shards": writer.shards,
@@ -281,10 +306,7 @@ def prepare_latents(image_folder: str, out_dir: str, *, encode: Encoder | None =
             "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },
     }
-    tmp_path = os.path.join(out_dir, LATENT_INDEX + ".tmp")
-    with open(tmp_path, "w") as f:
-        json.dump(index, f, indent=1)
-    os.replace(tmp_path, os.path.join(out_dir, LATENT_INDEX))
+    _write_index(out_dir, index)
     if skipped:
         print(f"prepare-latents: skipped {len(skipped)} unreadable image(s), listed in the index")
     return index

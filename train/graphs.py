@@ -1,0 +1,120 @@
+"""`run.cuda_graphs`: the whole training step captured once as a CUDA graph and replayed.
+
+A step launches a few thousand kernels, each with Python dispatch in front of it; with
+masks of a fixed size per preset the step is shape-static, so it can be captured once and
+replayed with one launch. What is captured is TrainStep's own body (train/step.py), not a
+copy of it, driven through static buffers:
+- the batch is copied into fixed input tensors before each replay;
+- the step's scalars (lr, teacher momentum, EMA beta) live in device tensors filled before
+  each replay, so a schedule keeps moving while the graph stays the same;
+- noise and masks are drawn inside the graph from the CUDA generator (graph-safe: each
+  replay advances its offset);
+- the statistics vector is cloned after each replay, since the next one overwrites it.
+
+Where it holds: one CUDA device (no DDP/FSDP collectives in the graph), torch's fused AdamW
+with a tensor lr (the one-pass FusedAdamWEMA bakes its scalars into the launch, so it is
+not used here), no torch.compile, and a fixed number of kept tokens (MDT draws its mask
+ratio per step on the host, which changes shapes). `check_cuda_graphs` refuses the rest
+before any work. Autocast runs with its weight-cast cache off, as capture requires.
+
+On a CPU (tests) `capture=False` runs the same body through the same static buffers
+eagerly, so the plumbing is checked against the plain step where no GPU exists.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from train.config import Config, ConfigError
+from train.step import TrainStep
+
+WARMUP_STEPS = 3  # eager steps (real ones) on a side stream before capture
+
+
+def check_cuda_graphs(cfg: Config, device: torch.device, world_size: int) -> None:
+    """ConfigError before any work when run.cuda_graphs cannot hold."""
+    if not cfg.run.cuda_graphs:
+        return
+    problems = []
+    if device.type != "cuda":
+        problems.append("it needs a CUDA device")
+    if world_size > 1:
+        problems.append("it runs on one GPU (no collectives are captured)")
+    if cfg.run.compile:
+        problems.append("run.compile must be false")
+    if cfg.run.fused_optimizer == "on":
+        problems.append("run.fused_optimizer must be 'auto' or 'off' (its scalars are "
+                        "baked into each launch)")
+    if float(cfg.model.overrides.get("mask_ratio_jitter", 0.0)) > 0:
+        problems.append("the mask ratio must not change per step (mask_ratio_jitter > 0)")
+    if problems:
+        raise ConfigError("run.cuda_graphs: " + "; ".join(problems))
+
+
+class GraphedStep:
+    """Same call as TrainStep: (x, y, lr, teacher_momentum, ema_beta) -> device stats.
+
+    The first WARMUP_STEPS calls are ordinary eager steps (on a side stream, with their own
+    batches), so that lazy allocations and autotuning happen before capture; the next call
+    captures the body and every call from then on replays it."""
+
+    def __init__(self, step: TrainStep, capture: bool = True) -> None:
+        if step.fused:
+            raise ConfigError("run.cuda_graphs needs torch's fused AdamW (set "
+                              "run.fused_optimizer='off')")
+        if getattr(step.net.config, "mask_ratio_jitter", 0.0) > 0:
+            raise ConfigError("run.cuda_graphs: this model changes its kept-token count per "
+                              "step (mask_ratio_jitter > 0), so its step cannot be captured")
+        self.step, self.capture = step, capture
+        device = step.params[0].device
+        self.scalars = torch.zeros(3, dtype=torch.float32, device=device)  # lr, m, beta
+        self.x: torch.Tensor | None = None
+        self.y: torch.Tensor | None = None
+        self.stats: torch.Tensor | None = None
+        self.graph = None
+        self.calls = 0
+
+    @property
+    def part_names(self) -> list[str] | None:
+        return self.step.part_names
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return self.step.params
+
+    def _body(self) -> torch.Tensor:
+        lr, momentum, beta = self.scalars[0], self.scalars[1], self.scalars[2]
+        return self.step(self.x, self.y, lr, momentum, beta)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float, teacher_momentum: float,
+                 ema_beta: float) -> torch.Tensor:
+        if self.x is None:
+            self.x, self.y = torch.empty_like(x), torch.empty_like(y)
+        self.x.copy_(x)
+        self.y.copy_(y)
+        # fill_ takes the value as a launch argument: no host sync, no host buffer to race.
+        for i, value in enumerate((lr, teacher_momentum, ema_beta)):
+            self.scalars[i].fill_(value)
+        self.calls += 1
+        if not self.capture:
+            return self._body().clone()
+        if self.calls <= WARMUP_STEPS:
+            return self._on_side_stream()
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+        return self.stats.clone()
+
+    def _on_side_stream(self) -> torch.Tensor:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            stats = self._body().clone()
+        torch.cuda.current_stream().wait_stream(side)
+        return stats
+
+    def _capture(self) -> None:
+        self.step.optimizer.zero_grad(set_to_none=True)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.stats = self._body()
