@@ -61,3 +61,29 @@ def model_batch(net: torch.nn.Module, n: int, seed: int | None = None
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     return (torch.randn(n, c.in_channels, c.input_size, c.input_size, generator=gen),
             torch.randint(0, c.num_classes, (n,), generator=gen))
+
+
+def losses_and_grads(net: torch.nn.Module, x0: torch.Tensor, y: torch.Tensor,
+                     seed: int = 1234) -> tuple[dict, dict]:
+    """One training-loss forward and backward under a fixed seed (the same noise, sigma,
+    label dropout and masks for every net it is called on): (losses, trainable grads)."""
+    torch.manual_seed(seed)
+    losses = net.training_losses(x0, y)
+    losses["loss"].backward()
+    return losses, {n: p.grad for n, p in net.named_parameters() if p.requires_grad}
+
+
+def measured_macs(net: torch.nn.Module, train: bool) -> float:
+    """Multiply-accumulates per image that torch's FLOP counter sees: a training step
+    (forward and backward) or one denoiser evaluation, at batch 2."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    c = net.config
+    x = torch.randn(2, c.in_channels, c.input_size, c.input_size)
+    y = torch.tensor([0, 1])
+    with FlopCounterMode(display=False) as counter:
+        if train:
+            net.training_losses(x, y)["loss"].backward()
+        else:
+            net.denoise(x, 1.0, y)
+    return counter.get_total_flops() / 2 / 2

@@ -10,7 +10,7 @@ import os
 import numerics
 import pytest
 import torch
-from numerics import model_batch
+from numerics import losses_and_grads, model_batch
 
 import model
 import sdkernels
@@ -175,11 +175,7 @@ def test_kernel_path_matches_reference_for_teacher_options(overrides: dict) -> N
     assert sdkernels.current_backend(x0) == "triton"
     out = []
     for net in (ref, fused):
-        torch.manual_seed(1234)
-        losses = net.training_losses(x0, y)
-        losses["loss"].backward()
-        out.append((losses, {n: p.grad for n, p in net.named_parameters() if p.requires_grad},
-                    net.center.clone()))
+        out.append((*losses_and_grads(net, x0, y), net.center.clone()))
     (rl, rg, rc), (kl, kg, kc) = out
     for name in rl:
         torch.testing.assert_close(kl[name], rl[name], rtol=1e-4, atol=1e-6)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
-from torch.utils.flop_counter import FlopCounterMode
+from numerics import measured_macs
 
 import model
 from model.flops import flops_per_image
@@ -33,16 +32,6 @@ def test_training_flops_structure() -> None:
     assert flops_per_image(masked, train=True) < 0.6 * flops_per_image(dit, train=True)
 
 
-def measured_macs(net: model.DiffusionTransformer, train: bool) -> float:
-    c = net.config
-    x = torch.randn(2, c.in_channels, c.input_size, c.input_size)
-    y = torch.tensor([0, 1])
-    with FlopCounterMode(display=False) as counter:
-        if train:
-            net.training_losses(x, y)["loss"].backward()
-        else:
-            net.denoise(x, 1.0, y)
-    return counter.get_total_flops() / 2 / 2  # MACs per image
 
 
 @pytest.mark.parametrize("name, overrides", [

@@ -10,8 +10,7 @@ import numerics
 import numpy as np
 import pytest
 import torch
-from numerics import model_batch
-from torch.utils.flop_counter import FlopCounterMode
+from numerics import losses_and_grads, measured_macs, model_batch
 
 import model
 import sdkernels
@@ -196,10 +195,7 @@ def test_kernel_path_matches_reference() -> None:
     assert sdkernels.current_backend(x0) == "triton"
     results = []
     for net in (ref, fused):
-        torch.manual_seed(1234)
-        losses = net.training_losses(x0, y)
-        losses["loss"].backward()
-        results.append((losses, {n: p.grad for n, p in net.named_parameters()}))
+        results.append(losses_and_grads(net, x0, y))
     (rl, rg), (kl, kg) = results
     assert rl.keys() == kl.keys()
     for name in rl:
@@ -214,16 +210,6 @@ def test_kernel_path_matches_reference() -> None:
 
 
 # ----------------------------------------------------------------------------- FLOPs
-def measured_macs(net, train: bool) -> float:
-    c = net.config
-    x = torch.randn(2, c.in_channels, c.input_size, c.input_size)
-    y = torch.tensor([0, 1])
-    with FlopCounterMode(display=False) as counter:
-        if train:
-            net.training_losses(x, y)["loss"].backward()
-        else:
-            net.denoise(x, 1.0, y)
-    return counter.get_total_flops() / 2 / 2
 
 
 def test_analytic_flops_count_both_passes_and_the_side_interpolater() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from numerics import model_batch, perturb_
+from numerics import losses_and_grads, model_batch, perturb_
 
 import model
 import sdkernels
@@ -170,12 +170,8 @@ def test_kernel_path_matches_reference(method: str) -> None:
     x0, y = batch(ref)
     assert sdkernels.current_backend(x0) == "triton"  # Triton (the interpreter on CPU) runs
     results = []
-    for net in (ref, fused):
-        torch.manual_seed(1234)  # identical noise, sigma, label dropout and masks
-        losses = net.training_losses(x0, y)
-        losses["loss"].backward()
-        grads = {n: p.grad for n, p in net.named_parameters() if p.requires_grad}
-        results.append((losses, grads))
+    for net in (ref, fused):  # identical noise, sigma, label dropout and masks
+        results.append(losses_and_grads(net, x0, y))
     (ref_losses, ref_grads), (k_losses, k_grads) = results
     assert ref_losses.keys() == k_losses.keys()
     for name in ref_losses:
