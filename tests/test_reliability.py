@@ -189,6 +189,36 @@ def test_sigterm_finishes_the_step_saves_and_exits_non_zero(tmp_path):
     assert state["step"] == saved[0][0] >= 2
 
 
+def test_a_sigterm_during_the_final_save_is_absorbed_and_the_save_completes(tmp_path):
+    """torchrun signals each rank separately: one rank's SIGTERM can land after the ranks
+    agreed to stop, while they save together. The default action there killed the rank
+    mid-save (and its peer with it), so the handlers must outlive the save."""
+    run = tmp_path / "run"
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.join(ROOT, 'tests')!r})
+        import torch
+        torch.set_num_threads(1)
+        from test_train import small_batches, tiny_config
+        from train import checkpoint as ckpt
+        from train.loop import train
+        real_save = ckpt.save_checkpoint
+        def save_under_a_late_signal(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return real_save(*args, **kwargs)
+        ckpt.save_checkpoint = save_under_a_late_signal
+        cfg = tiny_config({str(run)!r}, "schedule.total_steps=2", "schedule.ckpt_every=0")
+        result = train(cfg, batches=small_batches())
+        print("finished", result.step, result.checkpoint, flush=True)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    saved = ckpt.list_checkpoints(str(run))
+    assert [s for s, _ in saved] == [2] and f"finished 2 {saved[0][1]}" in proc.stdout
+    ckpt.load_checkpoint(saved[0][1])
+
+
 def test_a_steady_state_step_makes_no_host_sync(tmp_path, monkeypatch):
     """Counts the ways Python reads a tensor's value; only log steps may read."""
     calls: list[str] = []

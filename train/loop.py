@@ -423,13 +423,16 @@ def train(cfg: Config, *, resume: bool | str = False, stop_after: int | None = N
     del state
     _announce(s, progress, plan.path)
     try:
+        # The handlers stay installed through the final save: under torchrun each rank gets
+        # its own SIGTERM, and one that lands after the ranks agreed to stop must not kill
+        # a rank halfway through the collective save with the default action.
         with StopSignals() as signals:
             try:
                 _run_steps(s, progress, stop_after, signals)
             except BaseException:
                 s.logger.close()
                 raise
-        return _shut_down(s, progress, signals)
+            return _shut_down(s, progress, signals)
     finally:
         if s.owns_batches:  # workers and pipelines end with the run, not at exit
             s.batches.close()

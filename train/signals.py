@@ -4,7 +4,9 @@ Preemptible clusters send SIGTERM and give a grace period; a run that dies there
 since its last periodic save. Inside `StopSignals`, the first SIGTERM or SIGINT only sets
 `requested`; the loop finishes the step, saves a checkpoint and raises. A second Ctrl-C
 interrupts at once (the default behaviour), for a user who does not want to wait. Handlers
-are installed only from the main thread (Python allows no other) and restored on exit.
+are installed only from the main thread (Python allows no other) and restored only after the
+final save, so that a late SIGTERM (torchrun signals each rank separately) is absorbed rather
+than killing a rank in the middle of the collective save.
 """
 
 from __future__ import annotations
