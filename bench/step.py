@@ -240,6 +240,28 @@ def bench_path(args: argparse.Namespace, path: str, device: torch.device,
     return row
 
 
+def measured_attention_choices() -> list[dict[str, Any]]:
+    """Every `attention="auto"` decision timed so far in this process (CUDA only: B, T,
+    heads, head dim, dtype), with each candidate's milliseconds, so the JSON shows what
+    flash, cuDNN and the others cost at the step's shapes, not only which one won."""
+    from model.attention import attention_choices
+
+    return [{"batch": c.key[0], "tokens": c.key[1], "heads": c.key[2], "head_dim": c.key[3],
+             "dtype": c.key[4], "with_backward": c.key[6], "backend": c.backend,
+             "timings_ms": {k: (None if v == float("inf") else v)
+                            for k, v in c.timings_ms.items()}}
+            for c in attention_choices()]
+
+
+def _print_attention_choices(choices: list[dict[str, Any]]) -> None:
+    for choice in choices:
+        times = "  ".join(f"{k} {v:.3f}" if v is not None else f"{k} n/a"
+                          for k, v in choice["timings_ms"].items())
+        print(f"  attention auto at B={choice['batch']} T={choice['tokens']} "
+              f"H={choice['heads']} Dh={choice['head_dim']}: {choice['backend']}  "
+              f"[ms, fwd+bwd: {times}]", flush=True)
+
+
 def method_table(name: str) -> list[dict[str, Any]]:
     """model.flops.method_table at `name`'s size: parameters, teacher parameters and
     training / inference GFLOPs per image of every method."""
@@ -359,6 +381,8 @@ def run_step(args: argparse.Namespace) -> int:
         payload["results"].append(row)
         write_json(args.out, payload)
         _print_row(row, label)
+    payload["attention_choices"] = measured_attention_choices()
+    _print_attention_choices(payload["attention_choices"])
     payload["status"] = "complete"
     write_json(args.out, payload)
     print(f"wrote {args.out}")

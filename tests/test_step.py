@@ -105,3 +105,23 @@ def test_plugs_into_a_command_line_and_the_group_takes_new_entries(monkeypatch) 
         assert args.func(args) == 2  # XL on CPU: refused before any work
     args = parser.parse_args(["profile", "--model", "SD-DiT-XL/2", "--device", "nope"])
     assert args.func(args) == 2
+
+
+def test_attention_auto_decisions_are_reported_with_every_candidates_time(report: dict,
+                                                                         monkeypatch) -> None:
+    """On CPU nothing is timed (the list is empty); a CUDA decision is converted with each
+    candidate's time and a failed candidate (inf) as null, so the JSON stays valid."""
+    from model import attention
+
+    assert report["attention_choices"] == []
+    chooser = attention.BackendChooser(timer=lambda fn: 0.0)
+    key = (32, 205, 16, 72, "torch.bfloat16", "cuda:0", True)
+    chooser.choices[key] = attention.Choice(key, "sdpa_cudnn", {
+        "sdpa_flash": 1.25, "sdpa_cudnn": 0.75, "sdpa_efficient": float("inf")})
+    monkeypatch.setattr(attention, "_CHOOSER", chooser)
+    (row,) = step.measured_attention_choices()
+    assert row == {"batch": 32, "tokens": 205, "heads": 16, "head_dim": 72,
+                   "dtype": "torch.bfloat16", "with_backward": True, "backend": "sdpa_cudnn",
+                   "timings_ms": {"sdpa_flash": 1.25, "sdpa_cudnn": 0.75,
+                                  "sdpa_efficient": None}}
+    json.dumps(row, allow_nan=False)
