@@ -11,13 +11,18 @@ built by the loop's own set-up (`train.loop.set_up`, default config: optimizer, 
 compile, autocast), for one process, with the model built directly on the device.
 
 Paths, in one process (each on a fresh model with the same seed):
-- `eager`: the plain-torch model;
+- `eager`: the plain-torch model with torch's optimizer (fused AdamW, foreach EMA updates);
 - `compile`: `torch.compile` of the plain-torch loss module (the strongest practical
-  alternative), `dynamic=False`;
+  alternative), `dynamic=False`, torch's optimizer;
 - `kernels`: the sdkernels fused ops (on CPU without TRITON_INTERPRET they fall back to
-  their references; the JSON says which backend ran);
-- `kernels+compile`: the fused ops under `torch.compile`.
+  their references; the JSON says which backend ran) and `run.fused_optimizer="auto"`
+  (the one-pass Triton AdamW + teacher + EMA on CUDA);
+- `kernels+compile`: the same under `torch.compile`;
+- opt-in, one change at a time against `kernels`: `kernels+torch-optim` (torch's
+  optimizer instead of the one-pass one) and `kernels+graphs` (`run.cuda_graphs`: the
+  whole step captured once and replayed; CUDA only, torch's optimizer, as it requires).
 Compiled paths run last, so a time box that cuts a cold compile keeps the eager numbers.
+Each row says which optimizer ran and whether the step was a graph.
 
 Method: `--warmup` steps, then `--steps` timed steps. On CUDA each step is bracketed by CUDA
 events (no host sync inside the loop; one at the end), and images/s comes from the wall time
@@ -46,9 +51,30 @@ import torch
 
 from bench._harness import environment, write_json
 
-PATHS = ("eager", "compile", "kernels", "kernels+compile")
-PATH_FLAGS = {"eager": (False, False), "compile": (False, True), "kernels": (True, False),
-              "kernels+compile": (True, True)}
+
+@dataclass(frozen=True)
+class PathSpec:
+    """How one path builds the step. The reference paths keep torch's optimizer (fused
+    AdamW plus foreach EMA updates), so "eager" is all-torch; the kernel paths take
+    run.fused_optimizer="auto" (the one-pass Triton optimizer on CUDA)."""
+
+    use_kernels: bool
+    compiled: bool
+    fused_optimizer: str = "off"
+    cuda_graphs: bool = False
+
+
+PATH_SPECS = {
+    "eager": PathSpec(False, False),
+    "compile": PathSpec(False, True),
+    "kernels": PathSpec(True, False, "auto"),
+    "kernels+compile": PathSpec(True, True, "auto"),
+    # Opt-in variants, to measure one change at a time against "kernels":
+    "kernels+torch-optim": PathSpec(True, False, "off"),  # without the one-pass optimizer
+    "kernels+graphs": PathSpec(True, False, "off", cuda_graphs=True),  # CUDA only
+}
+PATHS = tuple(PATH_SPECS)
+DEFAULT_PATHS = ("eager", "compile", "kernels", "kernels+compile")
 # Dense bf16 tensor-core peaks from the datasheets (SXM parts), in TFLOP/s.
 DATASHEET_BF16_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0}
 
@@ -72,6 +98,17 @@ class Rig:
         self.net.set_progress(i, 1_000_000)
         return self.step_fn(self.x, self.y, 1e-4, 0.996, 0.9999)
 
+    def update_description(self) -> dict[str, Any]:
+        """Which optimizer and EMA updates ran, and whether the step was a CUDA graph."""
+        graphed = hasattr(self.step_fn, "graph")  # train.graphs.GraphedStep
+        inner = self.step_fn.step if graphed else self.step_fn
+        if inner.fused:
+            optimizer = "one-pass Triton AdamW + teacher momentum + sampling EMA"
+        else:
+            flavour = "fused" if inner.optimizer.defaults.get("fused") else "foreach"
+            optimizer = f"torch AdamW ({flavour}) + foreach teacher and EMA updates"
+        return {"optimizer": optimizer, "cuda_graphs": graphed}
+
 
 def build_rig(name: str, path: str, batch: int, device: torch.device, seed: int = 0,
               overrides: dict[str, Any] | None = None) -> Rig:
@@ -82,13 +119,17 @@ def build_rig(name: str, path: str, batch: int, device: torch.device, seed: int 
     from sdkernels._runtime import current_backend
     from train import distributed as D
     from train.config import Config
+    from train.graphs import check_cuda_graphs
     from train.loop import set_up
 
-    use_kernels, compiled = PATH_FLAGS[path]
+    spec = PATH_SPECS[path]
+    use_kernels, compiled = spec.use_kernels, spec.compiled
     cfg = Config()
     cfg.model.name, cfg.schedule.batch_size, cfg.run.seed = name, batch, seed
     cfg.run.device, cfg.run.compile = device.type, compiled
     cfg.run.use_kernels = "on" if use_kernels else "off"
+    cfg.run.fused_optimizer, cfg.run.cuda_graphs = spec.fused_optimizer, spec.cuda_graphs
+    check_cuda_graphs(cfg, device, 1)
     cfg.run.dir = tempfile.mkdtemp(prefix="sddit-bench-step-")  # the loop's metrics file
     cfg.run.tensorboard = cfg.run.progress_bar = False
     if compiled:
@@ -232,6 +273,7 @@ def bench_path(args: argparse.Namespace, path: str, device: torch.device,
         row["peak_rss_gib_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     row["attention_backend"] = rig.net.attention_backend
     row["kernels_backend"] = rig.kernels_backend
+    row.update(rig.update_description())
     if args.profile_steps:
         row["profile"] = profile_shares(rig, args.profile_steps, args.warmup + args.steps)
     del rig
@@ -278,8 +320,9 @@ def add_step_arguments(p: argparse.ArgumentParser) -> None:
                    help="preset (default: SD-DiT-XL/2 on CUDA, SD-DiT-tiny on CPU)")
     p.add_argument("--batch", type=int, default=None, help="default: 32 on CUDA, 8 on CPU")
     p.add_argument("--paths", default=None,
-                   help=f"comma list of {', '.join(PATHS)} (default: all on CUDA; "
-                   "eager,compile on CPU, where the kernels fall back to their references)")
+                   help=f"comma list of {', '.join(PATHS)} (default: "
+                   f"{','.join(DEFAULT_PATHS)} on CUDA; eager,compile on CPU, where the "
+                   "kernels fall back to their references; kernels+graphs needs CUDA)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 50 CUDA, 20 CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 10/3)")
     p.add_argument("--profile-steps", type=int, default=3,
@@ -303,11 +346,13 @@ def _resolve(args: argparse.Namespace) -> tuple[torch.device, list[str]]:
     args.batch = args.batch or (32 if cuda else 8)
     args.steps = args.steps or (50 if cuda else 20)
     args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 3)
-    paths = [p for p in (args.paths or (",".join(PATHS) if cuda else "eager,compile")).split(",")
-             if p]
+    default = ",".join(DEFAULT_PATHS) if cuda else "eager,compile"
+    paths = [p for p in (args.paths or default).split(",") if p]
     unknown = [p for p in paths if p not in PATHS]
     if unknown or not paths:
         raise ValueError(f"--paths: unknown {unknown}; choose from {', '.join(PATHS)}")
+    if not cuda and any(PATH_SPECS[p].cuda_graphs for p in paths):
+        raise ValueError("--paths kernels+graphs: CUDA graphs need a CUDA device")
     for key in ("batch", "steps"):
         if getattr(args, key) < 1:
             raise ValueError(f"--{key} must be >= 1, got {getattr(args, key)}")

@@ -45,6 +45,7 @@ def test_path_row_has_throughput_spread_memory_mfu_and_shares(report: dict) -> N
     assert row["mfu_measured_matmul"] > 0 and row["mfu_datasheet"] is None
     assert row["peak_rss_gib_process"] > 0
     assert row["kernels_backend"] == "none"
+    assert row["optimizer"].startswith("torch AdamW") and row["cuda_graphs"] is False
     shares = row["profile"]["shares"]
     assert set(shares) == {"attention", "gemm", "fused", "optimizer", "ema", "other"}
     assert sum(shares.values()) == pytest.approx(1.0)
@@ -77,6 +78,7 @@ def test_rig_is_the_loops_train_step() -> None:
     (["--model", "SD-DiT-XL/2", "--device", "cpu"], "only the *-tiny presets"),
     (["--paths", "eager,nope", "--device", "cpu"], "--paths"),
     (["--model", "SD-DiT-Q/3", "--device", "cpu"], "SD-DiT-Q/3"),
+    (["--paths", "eager,kernels+graphs", "--device", "cpu"], "CUDA graphs need a CUDA device"),
 ])
 def test_bad_arguments_fail_before_any_work(argv: list[str], message: str, tmp_path) -> None:
     out = tmp_path / "never.json"
@@ -125,3 +127,24 @@ def test_attention_auto_decisions_are_reported_with_every_candidates_time(report
                    "timings_ms": {"sdpa_flash": 1.25, "sdpa_cudnn": 0.75,
                                   "sdpa_efficient": None}}
     json.dumps(row, allow_nan=False)
+
+
+@pytest.mark.parametrize("fused_optimizer, expected", [
+    ("off", "torch AdamW (fused)"), ("on", "one-pass Triton AdamW")])
+def test_each_row_says_which_optimizer_ran(monkeypatch, fused_optimizer, expected) -> None:
+    """The reference paths keep torch's optimizer and the kernel paths take the one-pass
+    one where it applies ('auto': CUDA); forced here so that both builds run on CPU."""
+    assert step.PATH_SPECS["eager"].fused_optimizer == "off"
+    assert step.PATH_SPECS["kernels"].fused_optimizer == "auto"
+    monkeypatch.setitem(step.PATH_SPECS, "kernels",
+                        step.PathSpec(True, False, fused_optimizer))
+    rig = step.build_rig("SD-DiT-tiny", "kernels", 2, torch.device("cpu"))
+    description = rig.update_description()
+    assert description["optimizer"].startswith(expected), description
+    assert description["cuda_graphs"] is False
+    assert rig.run(0)[-1].item() == 1.0  # and the step it describes runs
+    if fused_optimizer == "off":  # the graphed step (its CPU form) is seen through
+        from train.graphs import GraphedStep
+
+        rig.step_fn = GraphedStep(rig.step_fn, capture=False)
+        assert rig.update_description() == {**description, "cuda_graphs": True}
