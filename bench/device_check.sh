@@ -10,7 +10,8 @@
 # Stages, each in its own time box, each writing its results as it goes:
 #   1. gpu-tests      pytest -m gpu (in parallel with pytest-xdist when installed)
 #   2. kernel-bench   every fused op vs eager and torch.compile (stops itself at its budget)
-#   3. step-bench     the real training step, eager and kernels paths
+#   3. step-bench     the real training step: eager, kernels, then kernels with torch's
+#                     optimizer and kernels as a CUDA graph (one change each)
 #   4. step-compiled  the same, compiled paths (cold compiles last, in their own box)
 #   5. train-short    a short real run of the trainer
 # About 6 minutes in all (so that a second try fits in the lease), then a summary table.
@@ -33,10 +34,10 @@ export SDDIT_COMMIT=${SDDIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unk
 
 # Stage limits in seconds (override, e.g. STAGE_KERNELS_S=200); 360 s together.
 STAGE_TESTS_S=${STAGE_TESTS_S:-60}
-STAGE_KERNELS_S=${STAGE_KERNELS_S:-85}
-STAGE_STEP_S=${STAGE_STEP_S:-70}
-STAGE_COMPILE_S=${STAGE_COMPILE_S:-95}
-STAGE_TRAIN_S=${STAGE_TRAIN_S:-50}
+STAGE_KERNELS_S=${STAGE_KERNELS_S:-75}
+STAGE_STEP_S=${STAGE_STEP_S:-95}
+STAGE_COMPILE_S=${STAGE_COMPILE_S:-85}
+STAGE_TRAIN_S=${STAGE_TRAIN_S:-45}
 STEP_MODEL=${STEP_MODEL:-SD-DiT-XL/2}
 STEP_ARGS=(--model "$STEP_MODEL" --batch 32 --steps 20 --warmup 5 --profile-steps 3 --gpu-only)
 
@@ -77,7 +78,7 @@ fi
 stage kernel-bench "$STAGE_KERNELS_S" kernels.json "$PY" -m bench.kernels \
   --budget-s $(( STAGE_KERNELS_S - 20 )) --out "$OUT/kernels.json"
 stage step-bench "$STAGE_STEP_S" step.json "$PY" -m bench.step "${STEP_ARGS[@]}" \
-  --paths eager,kernels --out "$OUT/step.json"
+  --paths eager,kernels,kernels+torch-optim,kernels+graphs --out "$OUT/step.json"
 stage step-compiled "$STAGE_COMPILE_S" step_compiled.json "$PY" -m bench.step \
   "${STEP_ARGS[@]}" --paths compile,kernels+compile --out "$OUT/step_compiled.json"
 rm -rf /tmp/sddit-train-short

@@ -394,3 +394,48 @@ def test_the_graphed_step_body_equals_the_eager_step_on_cpu(tmp_path):
                                       'model.name="MDT-tiny"',
                                       "model.overrides={mask_ratio_jitter=0.2}"),
                           torch.device("cuda", 0), 1)
+
+
+@pytest.mark.gpu
+def test_a_captured_cuda_graph_step_replays_the_eager_step(tmp_path):
+    """On a GPU, run.cuda_graphs for real: warm-up steps, capture, then replays fed new
+    batches and new scalars. Against the eager step from the same weights and seed: the
+    same losses (bf16 autocast; flash backward may use atomics, so not bit for bit), the
+    same skip decisions, a NaN batch that leaves the weights untouched inside the graph,
+    and the same net change of the weights (which a stale lr or batch would not give)."""
+    from train import loop
+    from train.distributed import DistInfo
+    from train.graphs import WARMUP_STEPS, GraphedStep
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
+    nan_step, n_steps = WARMUP_STEPS + 2, WARMUP_STEPS + 5
+
+    def weights(net: torch.nn.Module) -> torch.Tensor:
+        return torch.cat([p.detach().float().flatten() for p in net.parameters()])
+
+    runs = []
+    for graphed in (False, True):
+        cfg = tiny_config(tmp_path / f"graphed-{graphed}", "run.device='cuda'",
+                          "run.fused_optimizer='off'", f"run.cuda_graphs={str(graphed).lower()}")
+        s = loop.set_up(cfg, info, None, small_batches(), [])
+        assert isinstance(s.step_fn, GraphedStep) == graphed
+        start, stream, stats = weights(s.net), loop.DataStream(s.batches), []
+        torch.manual_seed(1)
+        for k in range(n_steps):
+            x, y = (t.to(device) for t in stream.next())
+            if k == nan_step:
+                x, before = torch.full_like(x, float("nan")), weights(s.net)
+            stats.append(s.step_fn(x, y, 2.0**-10 * (k + 1), 0.75, 0.5))
+            if k == nan_step:
+                assert torch.equal(weights(s.net), before), f"graphed={graphed}"
+        torch.cuda.synchronize()
+        runs.append((torch.stack(stats).cpu(), start, weights(s.net)))
+    (stats_e, start_e, end_e), (stats_g, start_g, end_g) = runs
+    assert torch.equal(start_e, start_g)
+    assert stats_e[:, -1].tolist() == stats_g[:, -1].tolist()
+    assert stats_g[nan_step, -1] == 0 and stats_g[nan_step + 1:, -1].eq(1).all()
+    finite = stats_e[:, -1] == 1
+    torch.testing.assert_close(stats_g[finite, 0], stats_e[finite, 0], rtol=2e-2, atol=1e-3)
+    change_e, change_g = end_e - start_e, end_g - start_g
+    assert (change_g - change_e).norm() < 0.05 * change_e.norm()
