@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -134,27 +135,62 @@ def evaluate_net(
     rank, world = _rank_world()
     device = next(net.parameters()).device
     network = network or load_network(network_path, device)
-    sample_fn = sampler or _default_sampler()
-    num_classes = int(net.config.num_classes)
     started = time.perf_counter()
     ref = _resolve_reference(reference, network, cache_dir, batch_size, progress, compute_pr)
-    ref_seconds = time.perf_counter() - started
+    seconds = {"reference": time.perf_counter() - started}
+    started = time.perf_counter()
+    run = _sample_features(net, network, sampler or _default_sampler(), num_samples,
+                           batch_size, seed_offset, num_steps, cfg_scale, keep_images, progress)
+    seconds["sample_and_features"] = time.perf_counter() - started
+    result: dict | None = None
+    if rank == 0:
+        started = time.perf_counter()
+        result = score_features(run.features, run.logits, run.stats, ref, fid_method,
+                                compute_pr, device)
+        seconds["metrics"] = time.perf_counter() - started
+        result.update({
+            "num_samples": run.stats.num,
+            "sampler": _sampler_record(num_steps, cfg_scale, seed_offset, num_samples,
+                                       int(net.config.num_classes)),
+            "network": network.describe(), "reference": ref.provenance,
+            "world_size": world, "seconds": seconds})
+    if world > 1:
+        box = [result]
+        dist.broadcast_object_list(box, src=0)
+        result = box[0]
+    if rank == 0 and keep_images:
+        result["images"] = torch.cat(run.kept)[:keep_images].numpy()
+    return result
 
+
+@dataclass
+class _SampledFeatures:
+    stats: RunningStatistics  # reduced over ranks
+    features: np.ndarray  # [N, dim], every rank's rows
+    logits: np.ndarray | None
+    kept: list[torch.Tensor]  # this rank's first uint8 samples, for keep_images
+
+
+def _sample_features(net: nn.Module, network: InceptionNetwork, sample_fn: Sampler,
+                     num_samples: int, batch_size: int, seed_offset: int, num_steps: int,
+                     cfg_scale: float, keep_images: int, progress: bool) -> _SampledFeatures:
+    """This rank's share of the samples (sample i: seed seed_offset + i, class i % classes)
+    through the network, batch by batch, then gathered from every rank."""
+    rank, world = _rank_world()
+    device = next(net.parameters()).device
+    num_classes = int(net.config.num_classes)
     indices = np.array_split(np.arange(num_samples), world)[rank]  # this rank's slice
     stats = RunningStatistics(device=device)
     features, logits, kept = [], [], []
-    bar = tqdm(
-        total=num_samples, desc="sample + features", unit="img", disable=not progress or rank != 0
-    )
-    started = time.perf_counter()
+    bar = tqdm(total=num_samples, desc="sample + features", unit="img",
+               disable=not progress or rank != 0)
     for chunk in np.array_split(indices, max(1, -(-len(indices) // batch_size))):
         if len(chunk) == 0:
             continue
         seeds = [seed_offset + int(i) for i in chunk]
         labels = torch.as_tensor(chunk % num_classes, dtype=torch.long, device=device)
-        samples = sample_fn(
-            net, labels, seeds, num_steps=num_steps, cfg_scale=cfg_scale, progress=False
-        )  # [B, C, H, W] in ~[-1, 1]
+        samples = sample_fn(net, labels, seeds, num_steps=num_steps, cfg_scale=cfg_scale,
+                            progress=False)  # [B, C, H, W] in ~[-1, 1]
         images = samples_to_uint8(samples)
         if len(kept) * batch_size < keep_images:
             kept.append(images.cpu())
@@ -167,46 +203,16 @@ def evaluate_net(
     bar.close()
     stats.all_reduce()
     local = torch.cat(features) if features else torch.zeros(0, stats.dim, device=device)
-    all_features = gather_rows(local).cpu().numpy()
     all_logits = gather_rows(torch.cat(logits)).cpu().numpy() if logits else None
-    sample_seconds = time.perf_counter() - started
+    return _SampledFeatures(stats, gather_rows(local).cpu().numpy(), all_logits, kept)
 
-    result: dict | None = None
-    if rank == 0:
-        started = time.perf_counter()
-        result = score_features(
-            all_features, all_logits, stats, ref, fid_method, compute_pr, device
-        )
-        result.update(
-            {
-                "num_samples": stats.num,
-                "sampler": {
-                    "name": "edm_heun",
-                    "num_steps": num_steps,
-                    "cfg_scale": cfg_scale,
-                    "sigma_min": 0.002,
-                    "sigma_max": 80.0,
-                    "rho": 7.0,
-                    "seeds": [seed_offset, seed_offset + num_samples - 1],
-                    "labels": f"i % {num_classes}",
-                },
-                "network": network.describe(),
-                "reference": ref.provenance,
-                "world_size": world,
-                "seconds": {
-                    "reference": ref_seconds,
-                    "sample_and_features": sample_seconds,
-                    "metrics": time.perf_counter() - started,
-                },
-            }
-        )
-    if world > 1:
-        box = [result]
-        dist.broadcast_object_list(box, src=0)
-        result = box[0]
-    if rank == 0 and keep_images:
-        result["images"] = torch.cat(kept)[:keep_images].numpy()
-    return result
+
+def _sampler_record(num_steps: int, cfg_scale: float, seed_offset: int, num_samples: int,
+                    num_classes: int) -> dict:
+    return {"name": "edm_heun", "num_steps": num_steps, "cfg_scale": cfg_scale,
+            "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0,
+            "seeds": [seed_offset, seed_offset + num_samples - 1],
+            "labels": f"i % {num_classes}"}
 
 
 def evaluate_images(
