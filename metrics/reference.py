@@ -293,68 +293,68 @@ def load_reference(
 ) -> Reference:
     """Reference statistics for `spec` (see the module docstring), cached per network."""
     refs = cache_root(cache_dir) / "fid-refs"
-    tag = network.sha256[:12]
     if spec.split(":")[0] == ANIMAL_MNIST:
-        split, count = parse_animal_mnist(spec)
-        images = animal_mnist_images(split, count)
-        name = f"animal-mnist-{split}-{count or 'all'}-{tag}.npz"
-        provenance = {
-            "dataset": ANIMAL_MNIST,
-            "split": split,
-            "subset_seed": 1234 if count else None,
-            "spec": spec,
-        }
-        return _cached(
-            refs / name,
-            lambda: _from_images(
-                network, iter_array_batches(images, batch_size), len(images), provenance, progress
-            ),
-            progress,
-        )
+        return _animal_mnist_reference(spec, network, refs, batch_size, progress)
     path = Path(spec)
     if path.is_dir():
-        files = list_image_files(path)
-        listing = hashlib.sha256(
-            "\n".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files).encode()
-        ).hexdigest()
-        name = f"folder-{path.resolve().name}-{listing[:12]}-{tag}.npz"
-        provenance = {
-            "dataset": "image-folder",
-            "folder": str(path.resolve()),
-            "listing_sha256": listing,
-        }
-        return _cached(
-            refs / name,
-            lambda: _from_images(
-                network, iter_folder_batches(files, batch_size), len(files), provenance, progress
-            ),
-            progress,
-        )
+        return _folder_reference(path, network, refs, batch_size, progress)
     if path.suffix == ".npz" and path.is_file():
-        # Images are read only when mu/sigma are missing or features must be computed.
-        reference, images = read_reference_npz(path, load_images=False)
-        if reference.features is not None or (not need_features and reference.mu is not None):
-            return reference
-        if images is None and not _has_image_array(path):
-            return reference  # statistics only: FID works, precision/recall is skipped
-        # ADM batch: activations come from its images, with our network, cached once.
-        digest = file_sha256(str(path))
-        name = f"npz-{path.stem}-{digest[:12]}-{tag}.npz"
-        provenance = {**reference.provenance, "images_sha256": digest}
-
-        def compute() -> Reference:
-            array = images if images is not None else read_reference_npz(path)[1]
-            batches = iter_array_batches(array, batch_size)
-            return _from_images(network, batches, len(array), provenance, progress)
-
-        computed = _cached(refs / name, compute, progress)
-        if reference.mu is None:
-            return computed
-        # Keep the file's own mu/sigma (what published numbers use); features for P/R only.
-        reference.features = computed.features
-        reference.provenance["features_cache_file"] = computed.provenance.get("cache_file")
-        return reference
+        return _npz_reference(path, network, refs, batch_size, progress, need_features)
     raise FileNotFoundError(
         f"reference {spec!r} is neither 'animal-mnist[:split[:count]]', an image folder, "
         "nor an existing .npz file"
     )
+
+
+def _animal_mnist_reference(spec: str, network: InceptionNetwork, refs: Path,
+                            batch_size: int, progress: bool) -> Reference:
+    split, count = parse_animal_mnist(spec)
+    images = animal_mnist_images(split, count)
+    name = f"animal-mnist-{split}-{count or 'all'}-{network.sha256[:12]}.npz"
+    provenance = {"dataset": ANIMAL_MNIST, "split": split,
+                  "subset_seed": 1234 if count else None, "spec": spec}
+    return _cached(refs / name, lambda: _from_images(
+        network, iter_array_batches(images, batch_size), len(images), provenance, progress),
+        progress)
+
+
+def _folder_reference(path: Path, network: InceptionNetwork, refs: Path, batch_size: int,
+                      progress: bool) -> Reference:
+    """Cached under the folder's listing (names, sizes, mtimes): an edit recomputes."""
+    files = list_image_files(path)
+    listing = hashlib.sha256(
+        "\n".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files).encode()
+    ).hexdigest()
+    name = f"folder-{path.resolve().name}-{listing[:12]}-{network.sha256[:12]}.npz"
+    provenance = {"dataset": "image-folder", "folder": str(path.resolve()),
+                  "listing_sha256": listing}
+    return _cached(refs / name, lambda: _from_images(
+        network, iter_folder_batches(files, batch_size), len(files), provenance, progress),
+        progress)
+
+
+def _npz_reference(path: Path, network: InceptionNetwork, refs: Path, batch_size: int,
+                   progress: bool, need_features: bool) -> Reference:
+    """An ADM-style batch: its own mu/sigma where present (what published numbers use);
+    features from its images with our network, cached once, only where P/R needs them."""
+    # Images are read only when mu/sigma are missing or features must be computed.
+    reference, images = read_reference_npz(path, load_images=False)
+    if reference.features is not None or (not need_features and reference.mu is not None):
+        return reference
+    if images is None and not _has_image_array(path):
+        return reference  # statistics only: FID works, precision/recall is skipped
+    digest = file_sha256(str(path))
+    name = f"npz-{path.stem}-{digest[:12]}-{network.sha256[:12]}.npz"
+    provenance = {**reference.provenance, "images_sha256": digest}
+
+    def compute() -> Reference:
+        array = images if images is not None else read_reference_npz(path)[1]
+        batches = iter_array_batches(array, batch_size)
+        return _from_images(network, batches, len(array), provenance, progress)
+
+    computed = _cached(refs / name, compute, progress)
+    if reference.mu is None:
+        return computed
+    reference.features = computed.features
+    reference.provenance["features_cache_file"] = computed.provenance.get("cache_file")
+    return reference
