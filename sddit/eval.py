@@ -139,10 +139,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def run_eval(args: argparse.Namespace) -> int:
     """Run the evaluation described by parsed arguments; 0 on success."""
-    from metrics.evaluate import evaluate_images, evaluate_net
-
     _check_args(args)
-    progress = not args.no_progress
     device, launched = _init_distributed(args.device)
     rank = dist.get_rank() if dist.is_initialized() else 0
     record: dict = {
@@ -155,49 +152,9 @@ def run_eval(args: argparse.Namespace) -> int:
         if args.samples is not None:
             if launched and rank != 0:
                 return 0
-            metrics = evaluate_images(
-                args.samples,
-                args.ref,
-                network_path=args.network,
-                cache_dir=args.cache_dir,
-                batch_size=args.batch_size,
-                progress=progress,
-                compute_pr=not args.no_pr,
-                fid_method=args.fid_method,
-            )
-            record.update({"checkpoint": None, "step": None, **metrics})
+            record.update(_score_sample_file(args))
         else:
-            from train.checkpoint import load_sampling_model
-
-            net, meta = load_sampling_model(args.ckpt, device)
-            metrics = evaluate_net(
-                net,
-                args.num,
-                args.ref,
-                cfg_scale=args.cfg_scale,
-                num_steps=args.steps,
-                batch_size=args.batch_size,
-                seed_offset=args.seed_offset,
-                progress=progress,
-                network_path=args.network,
-                cache_dir=args.cache_dir,
-                compute_pr=not args.no_pr,
-                fid_method=args.fid_method,
-                keep_images=64 if args.out else 0,
-            )
-            images = metrics.pop("images", None)
-            record.update(
-                {
-                    "checkpoint": str(meta.get("path", args.ckpt)),
-                    "step": meta.get("step"),
-                    **metrics,
-                }
-            )
-            if rank == 0 and args.out and images is not None:
-                grid_path = Path(args.out).with_suffix(".png")
-                grid_path.parent.mkdir(parents=True, exist_ok=True)
-                save_grid(images, grid_path)
-                record["grid"] = str(grid_path)
+            record.update(_score_checkpoint(args, device, rank))
     finally:
         if launched and dist.is_initialized():
             dist.destroy_process_group()
@@ -209,3 +166,38 @@ def run_eval(args: argparse.Namespace) -> int:
         if args.out:
             print(f"record written to {args.out}")
     return 0
+
+
+def _score_sample_file(args: argparse.Namespace) -> dict:
+    """--samples: images already generated (an .npz or a folder), scored as they are."""
+    from metrics.evaluate import evaluate_images
+
+    metrics = evaluate_images(args.samples, args.ref, network_path=args.network,
+                              cache_dir=args.cache_dir, batch_size=args.batch_size,
+                              progress=not args.no_progress, compute_pr=not args.no_pr,
+                              fid_method=args.fid_method)
+    return {"checkpoint": None, "step": None, **metrics}
+
+
+def _score_checkpoint(args: argparse.Namespace, device: torch.device, rank: int) -> dict:
+    """--ckpt: sample from the checkpoint's EMA on every rank and score; with --out, rank 0
+    also writes a grid of the first 64 samples beside the record."""
+    from metrics.evaluate import evaluate_net
+    from train.checkpoint import load_sampling_model
+
+    net, meta = load_sampling_model(args.ckpt, device)
+    metrics = evaluate_net(net, args.num, args.ref, cfg_scale=args.cfg_scale,
+                           num_steps=args.steps, batch_size=args.batch_size,
+                           seed_offset=args.seed_offset, progress=not args.no_progress,
+                           network_path=args.network, cache_dir=args.cache_dir,
+                           compute_pr=not args.no_pr, fid_method=args.fid_method,
+                           keep_images=64 if args.out else 0)
+    images = metrics.pop("images", None)
+    record = {"checkpoint": str(meta.get("path", args.ckpt)), "step": meta.get("step"),
+              **metrics}
+    if rank == 0 and args.out and images is not None:
+        grid_path = Path(args.out).with_suffix(".png")
+        grid_path.parent.mkdir(parents=True, exist_ok=True)
+        save_grid(images, grid_path)
+        record["grid"] = str(grid_path)
+    return record
