@@ -193,6 +193,19 @@ def _fail(field: str, message: str) -> NoReturn:
 
 
 def validate(c: ModelConfig) -> None:
+    """ValueError naming the first field that cannot hold, before anything is built."""
+    _validate_shape_and_mask(c)
+    if c.backbone == "mdt":
+        validate_mdt(c)
+    else:
+        for name in ("learned_pos_embed", "rel_pos_bias", "mask_ratio_jitter"):
+            if getattr(c, name):
+                _fail(name, "needs backbone='mdt' (the MDT layout)")
+    _validate_decoder(c)
+    _validate_training_fields(c)
+
+
+def _validate_shape_and_mask(c: ModelConfig) -> None:
     if c.method not in METHODS:
         _fail("method", f"must be one of {METHODS}, got {c.method!r}")
     if c.backbone not in BACKBONES:
@@ -218,12 +231,9 @@ def validate(c: ModelConfig) -> None:
     for name in ("learned_pos_embed", "rel_pos_bias"):
         if not isinstance(getattr(c, name), bool):
             _fail(name, f"must be true or false, got {getattr(c, name)!r}")
-    if c.backbone == "mdt":
-        validate_mdt(c)
-    else:
-        for name in ("learned_pos_embed", "rel_pos_bias", "mask_ratio_jitter"):
-            if getattr(c, name):
-                _fail(name, "needs backbone='mdt' (the MDT layout)")
+
+
+def _validate_decoder(c: ModelConfig) -> None:
     if not c.separate_decoder and not 0 <= c.decoder_depth < c.depth:
         _fail("decoder_depth", f"must be in [0, depth={c.depth}), got {c.decoder_depth}")
     if c.separate_decoder:
@@ -241,6 +251,10 @@ def validate(c: ModelConfig) -> None:
         _fail("decoder_fill", f"must be 'noisy' or 'mask_token', got {c.decoder_fill!r}")
     if c.gen_loss_tokens not in ("all", "kept"):
         _fail("gen_loss_tokens", f"must be 'all' or 'kept', got {c.gen_loss_tokens!r}")
+
+
+def _validate_training_fields(c: ModelConfig) -> None:
+    """Attention, conditioning dropout, EDM constants, loss weights and the teacher."""
     if c.attention not in ATTENTION_BACKENDS:
         _fail("attention", f"must be one of {ATTENTION_BACKENDS}, got {c.attention!r}")
     if not 0.0 <= c.class_dropout < 1.0:
