@@ -12,7 +12,8 @@ and, on CUDA, as NVTX ranges for Nsight Systems:
 - data (the next batch), then the step's own phases (train/step.py): forward, backward,
   grad_norm, optimizer, teacher_ema, sampling_ema;
 - inside the forward, attached from outside the model (forward hooks on its submodules and
-  wrappers around the functions model/methods.py calls, all removed afterwards): noise
+  the net's own `phase_range` around its functional parts, set on this instance only and
+  removed afterwards): noise
   (EDM preconditioning), embed (patch, time and label embedders), mask (keep ids, gather),
   student_encoder, decoder (scatter, decoder blocks, final layer), side_interpolater (MDT),
   teacher, heads (student head), losses (EDM, MAE, self-distillation, centre). What is left
@@ -57,11 +58,6 @@ PHASE_ORDER = ("data", "noise", "embed", "mask", "student_encoder", "teacher", "
                "decoder", "side_interpolater", "losses", "forward", "backward", "grad_norm",
                "optimizer", "teacher_ema", "sampling_ema", "outside phases")
 # Functions model/methods.py calls, wrapped (in that module's namespace only) in a range.
-_WRAPPED = {"precondition": "noise", "random_keep_ids": "mask", "gather_tokens": "mask",
-            "edm_loss": "losses", "mae_loss": "losses", "self_distillation_loss": "losses",
-            "update_center_": "losses"}
-
-
 class Span:
     """A named range opened and closed by different hooks: record_function, plus NVTX on
     CUDA. Spans nest properly in time (each closes before its parent), as NVTX requires."""
@@ -84,17 +80,18 @@ class Span:
         self.stack.pop().__exit__(None, None, None)
 
 
-def _ranged(fn: Callable, name: str, nvtx: bool) -> Callable:
-    span = Span(name, nvtx)
-
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+def _spans(nvtx: bool) -> Callable[[str], contextlib.AbstractContextManager]:
+    """A `phase_range` for the model: each phase name opens its own Span."""
+    @contextlib.contextmanager
+    def phase_range(name: str) -> Iterator[None]:
+        span = Span(name, nvtx)
         span.open()
         try:
-            return fn(*args, **kwargs)
+            yield
         finally:
             span.close()
 
-    return wrapper
+    return phase_range
 
 
 def _encoder_blocks(bb: torch.nn.Module) -> list[torch.nn.Module]:
@@ -132,27 +129,25 @@ def _span_hooks(net: torch.nn.Module, nvtx: bool) -> list[tuple[torch.nn.Module,
 
 
 @contextlib.contextmanager
-def phase_ranges(net: torch.nn.Module, nvtx: bool = False) -> Iterator[None]:
-    """Attaches the forward sub-phase ranges from outside the model; removes them after."""
-    import model.methods as methods
-    import train.step as step_module
-
-    handles, saved = [], {}
+def phase_ranges(net: torch.nn.Module, step_fn: Any = None, nvtx: bool = False
+                 ) -> Iterator[None]:
+    """Marks the forward's sub-phases on this net (forward hooks on its submodules, its
+    own `phase_range` for the functional parts) and, with NVTX, the step's phases on this
+    step; all on these instances only, and removed afterwards."""
+    handles = []
     for module, when, fn in _span_hooks(net, nvtx):
         hook = module.register_forward_pre_hook if when == "pre" else module.register_forward_hook
         handles.append(hook(fn))
-    for name, phase in _WRAPPED.items():
-        saved[name] = getattr(methods, name)
-        setattr(methods, name, _ranged(saved[name], phase, nvtx))
-    step_rf = step_module.record_function
-    if nvtx:  # the step's own phases as NVTX ranges too
-        step_module.record_function = _nvtx_record_function
+    net.phase_range = _spans(nvtx)
+    step_range = getattr(step_fn, "phase_range", None)
+    if nvtx and step_range is not None:  # the step's own phases as NVTX ranges too
+        step_fn.phase_range = _nvtx_record_function
     try:
         yield
     finally:
-        step_module.record_function = step_rf
-        for name, fn in saved.items():
-            setattr(methods, name, fn)
+        del net.phase_range  # back to the class's unmarked default
+        if step_range is not None:
+            step_fn.phase_range = step_range
         for handle in handles:
             handle.remove()
 
@@ -185,7 +180,7 @@ def profile_run(args: argparse.Namespace, device: torch.device) -> tuple[Any, An
     sched = schedule(wait=0, warmup=args.warmup, active=args.steps, repeat=1)
     from tqdm.auto import tqdm
 
-    with phase_ranges(rig.net, nvtx=cuda), profile(
+    with phase_ranges(rig.net, rig.step_fn, nvtx=cuda), profile(
             activities=activities, schedule=sched, record_shapes=False,
             on_trace_ready=_save_traces(args.out_dir)) as prof:
         for i in tqdm(range(args.warmup + args.steps), desc="profile", unit="step",

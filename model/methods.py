@@ -17,6 +17,8 @@ Inference (`denoise`) runs every token through encoder and decoder; no teacher, 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import nn
@@ -47,10 +49,19 @@ from model.precond import (
 )
 
 
+def _unmarked(phase: str) -> AbstractContextManager:
+    return nullcontext()
+
+
 class DiffusionTransformer(nn.Module):
     """The trained network. The teacher (SD-DiT only) is a submodule whose parameters have
     requires_grad=False: optimisers that take `p for p in parameters() if p.requires_grad`
     ignore it, and it is saved in the state dict with the student."""
+
+    # The loss's functional parts (noise, mask, losses) run inside `phase_range(name)`. A
+    # profiler sets it on one instance (`sddit profile`: record_function and NVTX ranges);
+    # the default marks nothing and costs nothing. Module parts take forward hooks instead.
+    phase_range: Callable[[str], AbstractContextManager] = staticmethod(_unmarked)
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -98,20 +109,24 @@ class DiffusionTransformer(nn.Module):
         y = drop_labels(y, cfg.class_dropout, cfg.num_classes)  # [B]
         # The teacher view comes from the same pass when it sits at the fixed sigma_min.
         fixed_teacher = cfg.has_teacher and cfg.teacher_sigma_range is None
-        views = precondition(x0, noise, sigma, cfg.sigma_min if fixed_teacher else None,
-                             cfg.sigma_data, fused)
-        ids_keep = random_keep_ids(B, L, cfg.num_kept, device) if cfg.mask_ratio > 0 else None
+        with self.phase_range("noise"):
+            views = precondition(x0, noise, sigma, cfg.sigma_min if fixed_teacher else None,
+                                 cfg.sigma_data, fused)
+        with self.phase_range("mask"):
+            ids_keep = random_keep_ids(B, L, cfg.num_kept, device) if cfg.mask_ratio > 0 else None
 
         tokens = bb.embed(views.x_in)  # [B, L, D]
         c = bb.condition(views.c_noise, y)  # [B, D]
-        kept = gather_tokens(tokens, ids_keep, fused) if ids_keep is not None else tokens
+        with self.phase_range("mask"):
+            kept = gather_tokens(tokens, ids_keep, fused) if ids_keep is not None else tokens
         z = bb.encode(kept, c)  # [B, L_keep, D]
         F = bb.decode(z, c, ids_keep, tokens)  # [B, C, H, W]
 
         kept_weight = kept_patch_weight(ids_keep, L) if ids_keep is not None else None  # [B, L]
         gen_weight = kept_weight if cfg.gen_loss_tokens == "kept" else None
-        gen = edm_loss(F, views.x_noisy, x0, sigma, cfg.sigma_data, gen_weight, cfg.patch_size,
-                       fused).mean()
+        with self.phase_range("losses"):
+            gen = edm_loss(F, views.x_noisy, x0, sigma, cfg.sigma_data, gen_weight,
+                           cfg.patch_size, fused).mean()
         losses = {"gen": gen}
         total = gen
         if cfg.has_teacher:
@@ -119,8 +134,9 @@ class DiffusionTransformer(nn.Module):
             losses["dis"] = self.discriminative_loss(z, x_in_t, c_noise_t, y, ids_keep)
             total = total + cfg.lambda_dis * losses["dis"]
         if cfg.mae_weight > 0 and kept_weight is not None:
-            losses["mae"] = mae_loss(F, views.x_noisy, sigma, cfg.sigma_data, 1 - kept_weight,
-                                     cfg.patch_size).mean()
+            with self.phase_range("losses"):
+                losses["mae"] = mae_loss(F, views.x_noisy, sigma, cfg.sigma_data,
+                                         1 - kept_weight, cfg.patch_size).mean()
             total = total + cfg.mae_weight * losses["mae"]
         losses["loss"] = total
         return losses
@@ -138,18 +154,21 @@ class DiffusionTransformer(nn.Module):
         for name in ("gen", "gen_masked"):
             noise = torch.randn_like(x0)
             labels = drop_labels(y, cfg.class_dropout, cfg.num_classes)  # [B]
-            views = precondition(x0, noise, sigma, None, cfg.sigma_data, fused)
+            with self.phase_range("noise"):
+                views = precondition(x0, noise, sigma, None, cfg.sigma_data, fused)
             tokens = bb.embed(views.x_in)  # [B, L, D]
             c = bb.condition(views.c_noise, labels)  # [B, D]
             if name == "gen":
                 x = bb.encode(tokens, c) + bb.decoder_pos_embed  # [B, L, D]
             else:
-                ids_keep = random_keep_ids(B, L, sample_num_kept(cfg), device)  # [B, K]
-                z = bb.encode(gather_tokens(tokens, ids_keep, fused), c, ids_keep)  # [B, K, D]
-                x = bb.side_interpolate(z, c, ids_keep)  # [B, L, D]
+                with self.phase_range("mask"):
+                    ids_keep = random_keep_ids(B, L, sample_num_kept(cfg), device)  # [B, K]
+                    kept = gather_tokens(tokens, ids_keep, fused)  # [B, K, D]
+                x = bb.side_interpolate(bb.encode(kept, c, ids_keep), c, ids_keep)  # [B, L, D]
             F = bb.decode(x, c, tokens)  # [B, C, H, W]
-            losses[name] = edm_loss(F, views.x_noisy, x0, sigma, cfg.sigma_data, None,
-                                    cfg.patch_size, fused).mean()
+            with self.phase_range("losses"):
+                losses[name] = edm_loss(F, views.x_noisy, x0, sigma, cfg.sigma_data, None,
+                                        cfg.patch_size, fused).mean()
         losses["loss"] = losses["gen"] + losses["gen_masked"]
         return losses
 
@@ -179,10 +198,11 @@ class DiffusionTransformer(nn.Module):
             x_in_teacher, c_noise_teacher, y, self.backbone.pos_embed, ids_keep,
             cfg.use_kernels, all_tokens=cfg.center_tokens == "all")  # [B, L_keep, K], no grad
         student_logits = self.head(z_s)  # [B, L_keep, K]
-        loss = self_distillation_loss(student_logits, teacher_logits, self.center, cfg.tau_s,
-                                      self.tau_t)
-        if self.training:
-            update_center_(self.center, center_logits, cfg.center_momentum)
+        with self.phase_range("losses"):
+            loss = self_distillation_loss(student_logits, teacher_logits, self.center,
+                                          cfg.tau_s, self.tau_t)
+            if self.training:
+                update_center_(self.center, center_logits, cfg.center_momentum)
         return loss
 
     @torch.no_grad()

@@ -45,20 +45,32 @@ def test_per_phase_table_and_top_kernels(out_dir) -> None:
     assert sum(report["shares"].values()) == pytest.approx(1.0)
 
 
-def test_ranges_are_removed_afterwards() -> None:
-    import model
-    import model.methods as methods
-    import train.step as step_module
+def test_ranges_are_set_on_the_instances_only_and_removed_afterwards() -> None:
+    """No global patching: another net built alongside stays unmarked, and after the block
+    the net and the step are as they were."""
+    from torch.profiler import record_function
 
-    originals = (methods.edm_loss, methods.precondition, step_module.record_function)
-    net = model.build("SD-DiT-tiny")
-    with profile.phase_ranges(net, nvtx=False):
-        assert methods.edm_loss is not originals[0]
+    import model
+    from model.methods import DiffusionTransformer
+
+    net, other = model.build("SD-DiT-tiny"), model.build("SD-DiT-tiny")
+    step_fn = type("Step", (), {"phase_range": staticmethod(record_function)})()
+    default = DiffusionTransformer.phase_range
+    x = torch.randn(2, net.config.in_channels, net.config.input_size, net.config.input_size)
+    with profile.phase_ranges(net, step_fn, nvtx=False):
+        assert net.phase_range is not default and other.phase_range is default
         assert net.backbone.x_embedder._forward_pre_hooks
-        net.training_losses(torch.randn(2, net.config.in_channels, net.config.input_size,
-                                        net.config.input_size), torch.tensor([0, 1]))
-    assert (methods.edm_loss, methods.precondition, step_module.record_function) == originals
+        with torch.profiler.profile() as prof:
+            net.training_losses(x, torch.tensor([0, 1]))
+    names = {e.name for e in prof.events()}
+    assert {"phase:noise", "phase:mask", "phase:losses", "phase:embed", "phase:teacher",
+            "phase:student_encoder", "phase:decoder", "phase:heads"} <= names
+    assert net.phase_range is default and "phase_range" not in vars(net)
+    assert step_fn.phase_range is record_function
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in net.modules())
+    with torch.profiler.profile() as prof:
+        net.training_losses(x, torch.tensor([0, 1]))
+    assert not any(e.name.startswith("phase:") for e in prof.events())
 
 
 def test_occupancy_follows_the_limits() -> None:

@@ -18,7 +18,8 @@ NVTX timelines name them.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -76,18 +77,20 @@ class TrainStep:
         # so a bad batch leaves no trace.
         self.buffers = [b for b in net.buffers() if b.is_floating_point()]
         self.snapshot = [b.detach().clone() for b in self.buffers]
+        # The phases' ranges; a profiler may swap in one that also emits NVTX.
+        self.phase_range: Callable[[str], AbstractContextManager] = record_function
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float, teacher_momentum: float,
                  ema_beta: float) -> torch.Tensor:
-        with record_function("phase:forward"):
+        with self.phase_range("phase:forward"):
             if self.buffers:
                 torch._foreach_copy_(self.snapshot, self.buffers)
             shadows = self.optimizer.teacher_in_bf16() if self.fused else nullcontext()
             with self.autocast, shadows:
                 losses = self.loss_module(x, y)
-        with record_function("phase:backward"):
+        with self.phase_range("phase:backward"):
             losses["loss"].backward()
-        with record_function("phase:grad_norm"):
+        with self.phase_range("phase:grad_norm"):
             grad_norm = global_grad_norm(self.params, self.settings.grad_clip)
             stats = self._agreed_stats(losses, grad_norm)
             finite = stats[-1] > 0.5  # bool, on the device
@@ -118,7 +121,7 @@ class TrainStep:
         if self.fused:
             self._apply_fused(lr, teacher_momentum, ema_beta, finite, weight)
             return
-        with record_function("phase:optimizer"):
+        with self.phase_range("phase:optimizer"):
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             if self.device_skip:
@@ -126,20 +129,20 @@ class TrainStep:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self._restore_buffers(finite)  # before the EMA, which copies the live buffers
-        with record_function("phase:teacher_ema"), torch.no_grad():
+        with self.phase_range("phase:teacher_ema"), torch.no_grad():
             # momentum 1 leaves the teacher unchanged: m_eff = 1 - (1 - m) * weight
             self.net.update_teacher(1.0 - (1.0 - teacher_momentum) * weight)
-        with record_function("phase:sampling_ema"):
+        with self.phase_range("phase:sampling_ema"):
             self.ema.update(self.net, 1.0 - (1.0 - ema_beta) * weight)
 
     def _apply_fused(self, lr: float, teacher_momentum: float, ema_beta: float,
                      finite: torch.Tensor, weight: torch.Tensor) -> None:
-        with record_function("phase:optimizer_teacher_ema"):
+        with self.phase_range("phase:optimizer_teacher_ema"):
             self.optimizer.step(lr, teacher_momentum=teacher_momentum, ema_beta=ema_beta,
                                 found_inf=1.0 - weight)
             self.optimizer.zero_grad(set_to_none=True)
         self._restore_buffers(finite)
-        with record_function("phase:sampling_ema"):
+        with self.phase_range("phase:sampling_ema"):
             self.ema.copy_buffers(self.net)
 
     def _restore_buffers(self, finite: torch.Tensor) -> None:
