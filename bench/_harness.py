@@ -9,6 +9,7 @@ measured in the same process.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -136,3 +137,14 @@ def write_json(path: str, payload: dict[str, Any]) -> None:
     with open(tmp, "w") as f:
         json.dump(payload, f, indent=2)
     os.replace(tmp, path)
+
+
+def module_main(prog: str, doc: str | None,
+                add_arguments: Callable[[argparse.ArgumentParser], None],
+                run: Callable[[argparse.Namespace], int], argv: list[str] | None) -> int:
+    """`python -m bench.<name>`: the same arguments and run function as its `sddit`
+    subcommand, with the module docstring as help."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

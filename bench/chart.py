@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 import model
-from bench._harness import environment, write_json
+from bench._harness import environment, module_main, write_json
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs" / "chart"
 SCHEMA = 1
@@ -799,10 +799,7 @@ def format_summary(summary: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.chart", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_chart_arguments(parser)
-    return run_chart(parser.parse_args(argv))
+    return module_main("python -m bench.chart", __doc__, add_chart_arguments, run_chart, argv)
 
 
 if __name__ == "__main__":

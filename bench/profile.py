@@ -52,7 +52,7 @@ from typing import Any
 import torch
 from torch.profiler import record_function
 
-from bench._harness import environment, write_json
+from bench._harness import environment, module_main, write_json
 
 PHASE_ORDER = ("data", "noise", "embed", "mask", "student_encoder", "teacher", "heads",
                "decoder", "side_interpolater", "losses", "forward", "backward", "grad_norm",
@@ -381,10 +381,7 @@ def run_profile(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_profile_arguments(parser)
-    return run_profile(parser.parse_args(argv))
+    return module_main("python -m bench.profile", __doc__, add_profile_arguments, run_profile, argv)
 
 
 if __name__ == "__main__":

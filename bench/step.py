@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 
-from bench._harness import environment, write_json
+from bench._harness import environment, module_main, write_json
 
 
 @dataclass(frozen=True)
@@ -435,10 +435,7 @@ def run_step(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.step", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_step_arguments(parser)
-    return run_step(parser.parse_args(argv))
+    return module_main("python -m bench.step", __doc__, add_step_arguments, run_step, argv)
 
 
 if __name__ == "__main__":
