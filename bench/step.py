@@ -100,7 +100,9 @@ class Rig:
 
     def update_description(self) -> dict[str, Any]:
         """Which optimizer and EMA updates ran, and whether the step was a CUDA graph."""
-        graphed = hasattr(self.step_fn, "graph")  # train.graphs.GraphedStep
+        from train.graphs import GraphedStep
+
+        graphed = isinstance(self.step_fn, GraphedStep)
         inner = self.step_fn.step if graphed else self.step_fn
         if inner.fused:
             optimizer = "one-pass Triton AdamW + teacher momentum + sampling EMA"
@@ -288,8 +290,8 @@ def measured_attention_choices() -> list[dict[str, Any]]:
     flash, cuDNN and the others cost at the step's shapes, not only which one won."""
     from model.attention import attention_choices
 
-    return [{"batch": c.key[0], "tokens": c.key[1], "heads": c.key[2], "head_dim": c.key[3],
-             "dtype": c.key[4], "with_backward": c.key[6], "backend": c.backend,
+    return [{**{k: v for k, v in c.key._asdict().items() if k != "device"},
+             "backend": c.backend,
              "timings_ms": {k: (None if v == float("inf") else v)
                             for k, v in c.timings_ms.items()}}
             for c in attention_choices()]

@@ -26,6 +26,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -144,7 +145,16 @@ BACKENDS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.T
     "sdpa_efficient": _sdpa_pinned("EFFICIENT_ATTENTION"),
 }
 SDPA_PINNED = ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient")
-ShapeKey = tuple[int, int, int, int, str, str, bool]
+class ShapeKey(NamedTuple):
+    """What one "auto" decision is cached under."""
+
+    batch: int
+    tokens: int
+    heads: int
+    head_dim: int
+    dtype: str
+    device: str
+    with_backward: bool
 
 
 @dataclass(frozen=True)
@@ -182,7 +192,7 @@ class BackendChooser:
     @staticmethod
     def key(q: torch.Tensor) -> ShapeKey:
         B, T, H, Dh = q.shape
-        return (B, T, H, Dh, str(q.dtype), str(q.device), q.requires_grad)
+        return ShapeKey(B, T, H, Dh, str(q.dtype), str(q.device), q.requires_grad)
 
     def cached(self, q: torch.Tensor) -> str | None:
         choice = self.choices.get(self.key(q))

@@ -117,7 +117,7 @@ def test_attention_auto_decisions_are_reported_with_every_candidates_time(report
 
     assert report["attention_choices"] == []
     chooser = attention.BackendChooser(timer=lambda fn: 0.0)
-    key = (32, 205, 16, 72, "torch.bfloat16", "cuda:0", True)
+    key = attention.ShapeKey(32, 205, 16, 72, "torch.bfloat16", "cuda:0", True)
     chooser.choices[key] = attention.Choice(key, "sdpa_cudnn", {
         "sdpa_flash": 1.25, "sdpa_cudnn": 0.75, "sdpa_efficient": float("inf")})
     monkeypatch.setattr(attention, "_CHOOSER", chooser)
