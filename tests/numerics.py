@@ -73,6 +73,25 @@ def losses_and_grads(net: torch.nn.Module, x0: torch.Tensor, y: torch.Tensor,
     return losses, {n: p.grad for n, p in net.named_parameters() if p.requires_grad}
 
 
+def assert_kernel_path_matches(ref: torch.nn.Module, fused: torch.nn.Module,
+                               x0: torch.Tensor, y: torch.Tensor) -> None:
+    """The fused net (same weights) against the reference: every loss, every trainable
+    gradient (relative to its largest entry) and the inference denoiser, fp32 tolerances."""
+    (ref_losses, ref_grads), (k_losses, k_grads) = (losses_and_grads(net, x0, y)
+                                                    for net in (ref, fused))
+    assert ref_losses.keys() == k_losses.keys()
+    for name in ref_losses:
+        torch.testing.assert_close(k_losses[name], ref_losses[name], rtol=1e-4, atol=1e-6)
+    assert ref_grads.keys() == k_grads.keys()
+    for name, g in ref_grads.items():
+        assert g is not None and k_grads[name] is not None, name
+        scale = g.abs().max().item()
+        torch.testing.assert_close(k_grads[name], g, rtol=1e-4, atol=1e-4 * scale + 1e-9,
+                                   msg=lambda m, n=name: f"grad of {n}: {m}")
+    torch.testing.assert_close(fused.denoise(x0, 0.5, y), ref.denoise(x0, 0.5, y),
+                               rtol=1e-4, atol=1e-5)
+
+
 def measured_macs(net: torch.nn.Module, train: bool) -> float:
     """Multiply-accumulates per image that torch's FLOP counter sees: a training step
     (forward and backward) or one denoiser evaluation, at batch 2."""

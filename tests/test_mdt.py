@@ -10,7 +10,7 @@ import numerics
 import numpy as np
 import pytest
 import torch
-from numerics import losses_and_grads, measured_macs, model_batch
+from numerics import measured_macs, model_batch
 
 import model
 import sdkernels
@@ -193,20 +193,7 @@ def test_kernel_path_matches_reference() -> None:
     fused.load_state_dict(ref.state_dict())
     x0, y = batch(ref)
     assert sdkernels.current_backend(x0) == "triton"
-    results = []
-    for net in (ref, fused):
-        results.append(losses_and_grads(net, x0, y))
-    (rl, rg), (kl, kg) = results
-    assert rl.keys() == kl.keys()
-    for name in rl:
-        torch.testing.assert_close(kl[name], rl[name], rtol=1e-4, atol=1e-6)
-    assert rg.keys() == kg.keys()
-    for name, g in rg.items():
-        assert g is not None and kg[name] is not None, name
-        torch.testing.assert_close(kg[name], g, rtol=1e-4, atol=1e-4 * g.abs().max().item() + 1e-9,
-                                   msg=lambda m, n=name: f"grad of {n}: {m}")
-    torch.testing.assert_close(fused.denoise(x0, 0.5, y), ref.denoise(x0, 0.5, y),
-                               rtol=1e-4, atol=1e-5)
+    numerics.assert_kernel_path_matches(ref, fused, x0, y)
 
 
 # ----------------------------------------------------------------------------- FLOPs

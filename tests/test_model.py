@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from numerics import losses_and_grads, model_batch, perturb_
+from numerics import assert_kernel_path_matches, model_batch, perturb_
 
 import model
 import sdkernels
@@ -169,21 +169,7 @@ def test_kernel_path_matches_reference(method: str) -> None:
     fused.load_state_dict(ref.state_dict())
     x0, y = batch(ref)
     assert sdkernels.current_backend(x0) == "triton"  # Triton (the interpreter on CPU) runs
-    results = []
-    for net in (ref, fused):  # identical noise, sigma, label dropout and masks
-        results.append(losses_and_grads(net, x0, y))
-    (ref_losses, ref_grads), (k_losses, k_grads) = results
-    assert ref_losses.keys() == k_losses.keys()
-    for name in ref_losses:
-        torch.testing.assert_close(k_losses[name], ref_losses[name], rtol=1e-4, atol=1e-6)
-    assert ref_grads.keys() == k_grads.keys()
-    for name, g in ref_grads.items():
-        assert g is not None and k_grads[name] is not None, name
-        scale = g.abs().max().item()
-        torch.testing.assert_close(k_grads[name], g, rtol=1e-4, atol=1e-4 * scale + 1e-9,
-                                   msg=lambda m, n=name: f"grad of {n}: {m}")
-    torch.testing.assert_close(fused.denoise(x0, 0.5, y), ref.denoise(x0, 0.5, y),
-                               rtol=1e-4, atol=1e-5)
+    assert_kernel_path_matches(ref, fused, x0, y)  # identical noise, sigma, dropout, masks
 
 
 def test_tiny_sd_dit_overfits_a_fixed_batch() -> None:
