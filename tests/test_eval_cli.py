@@ -38,6 +38,16 @@ def test_eval_parser_registers_as_a_subcommand() -> None:
         parser.parse_args(["eval", "--num", "10"])
 
 
+def random_reference(path):
+    """A reference .npz with random features (40 of them), for tests about the evaluation
+    pipeline rather than the value of the FID."""
+    rng = np.random.default_rng(0)
+    feats = np.abs(rng.standard_normal((40, metrics.FEATURE_DIM))).astype(np.float32)
+    mu, sigma = metrics.compute_statistics(feats)
+    metrics.save_reference(path, metrics.Reference(mu, sigma, feats, {"dataset": "random"}))
+    return path
+
+
 def test_eval_cli_on_a_checkpoint_writes_the_record(tmp_path, capsys) -> None:
     model = pytest.importorskip("model")
     checkpoint = pytest.importorskip("train.checkpoint")
@@ -53,12 +63,7 @@ def test_eval_cli_on_a_checkpoint_writes_the_record(tmp_path, capsys) -> None:
         },
         keep_last=1,
     )
-    # A reference with random features: this test is about the pipeline, not the value.
-    rng = np.random.default_rng(0)
-    feats = np.abs(rng.standard_normal((40, metrics.FEATURE_DIM))).astype(np.float32)
-    mu, sigma = metrics.compute_statistics(feats)
-    ref = tmp_path / "ref.npz"
-    metrics.save_reference(ref, metrics.Reference(mu, sigma, feats, {"dataset": "random"}))
+    ref = random_reference(tmp_path / "ref.npz")
     out = tmp_path / "eval" / "record.json"
     rc = sddit_main(
         [

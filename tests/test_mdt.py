@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from numerics import measured_macs, model_batch
+from test_eval_cli import random_reference
 
 import model
 import sdkernels
@@ -217,7 +218,6 @@ def test_analytic_flops_count_both_passes_and_the_side_interpolater() -> None:
 
 # ----------------------------------------------------------------------------- end to end
 def test_tiny_mdt_trains_samples_and_is_scored(tmp_path) -> None:
-    import metrics
     from sddit.cli import main as sddit
     from tests.test_train import small_batches, tiny_config
     from train import checkpoint as ckpt
@@ -239,11 +239,7 @@ def test_tiny_mdt_trains_samples_and_is_scored(tmp_path) -> None:
     npz = np.load(next(out.glob("*.npz")))
     assert npz["arr_0"].shape == (4, 32, 32, 1)
 
-    rng = np.random.default_rng(0)
-    feats = np.abs(rng.standard_normal((40, metrics.FEATURE_DIM))).astype(np.float32)
-    mu, sigma = metrics.compute_statistics(feats)
-    ref = tmp_path / "ref.npz"
-    metrics.save_reference(ref, metrics.Reference(mu, sigma, feats, {"dataset": "random"}))
+    ref = random_reference(tmp_path / "ref.npz")
     record_path = tmp_path / "eval" / "record.json"
     assert sddit(["eval", "--ckpt", str(tmp_path / "run"), "--num", "6", "--steps", "1",
                           "--batch-size", "3", "--ref", str(ref), "--out", str(record_path),
