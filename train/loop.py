@@ -24,7 +24,6 @@ checkpoint is saved, and TrainingInterrupted is raised (the CLI exits 128 + sign
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import os
 import random
@@ -40,6 +39,13 @@ from train import checkpoint as ckpt
 from train import distributed as D
 from train.config import Config, ConfigError, save_resolved, to_dict
 from train.ema import SamplingEMA, ema_beta
+from train.execution import (
+    ExecutionPlan,
+    PrecisionChoice,
+    accelerated_denoiser,
+    inductor_options,
+    plan_execution,
+)
 from train.graphs import GraphedStep, check_cuda_graphs
 from train.logging_utils import GpuTelemetry, MetricsLogger, plot_loss_curve, read_jsonl
 from train.optim import (
@@ -51,6 +57,9 @@ from train.optim import (
 from train.resume import config_changes, plan_resume
 from train.signals import StopSignals
 from train.step import StepSettings, TrainStep
+
+# A wall-clock budget shorter than this leaves a CPU compilation no time to pay off.
+COMPILE_MIN_MINUTES = 4.0
 
 
 class NonFiniteLossError(RuntimeError):
@@ -126,6 +135,7 @@ class Session:
     telemetry: GpuTelemetry
     notes: list[str]
     owns_batches: bool  # built here (so closed here), not handed in by the caller
+    execution: ExecutionPlan  # threads, precision, compile: what was decided, and why
 
 
 @dataclass
@@ -162,15 +172,22 @@ def model_overrides(cfg: Config, batches, device: torch.device) -> dict:
     return overrides
 
 
-def autocast_context(cfg: Config, device: torch.device):
-    precision = cfg.run.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision == "bf16":
-        # Graph capture needs autocast's weight-cast cache off (train/graphs.py).
-        return torch.autocast(device.type, dtype=torch.bfloat16,
-                              cache_enabled=not cfg.run.cuda_graphs)
-    return contextlib.nullcontext()
+def autocast_context(cfg: Config, device: torch.device, precision: PrecisionChoice):
+    # Graph capture needs autocast's weight-cast cache off (train/graphs.py).
+    return precision.autocast(device, cache_enabled=not cfg.run.cuda_graphs)
+
+
+def plan_run_execution(cfg: Config, device: torch.device, net: nn.Module,
+                       planned_steps: int | None) -> ExecutionPlan:
+    """Threads, precision and compile for this invocation (train/execution.py), measured
+    at the model's width; `planned_steps` is what this invocation will run (None: the
+    configured total)."""
+    steps = cfg.schedule.total_steps if planned_steps is None else planned_steps
+    if 0 < cfg.schedule.max_minutes < COMPILE_MIN_MINUTES:
+        steps = 0  # a short time budget cannot repay a compilation
+    width = int(getattr(getattr(net, "config", None), "hidden_size", 0) or 256)
+    return plan_execution(cfg.run.threads, cfg.run.precision, cfg.run.compile, device, width,
+                          steps)
 
 
 def seed_everything(seed: int) -> None:
@@ -185,10 +202,10 @@ def rank_seed(seed: int, rank: int) -> int:
 
 
 def set_up(cfg: Config, info: D.DistInfo, net: nn.Module | None, batches,
-            notes: list[str]) -> Session:
-    """Data, model (same init on every rank), sampling EMA, wrappers, optimizer, step: what
-    a run trains with. Public so that `sddit bench step` and `sddit profile` time and
-    profile exactly the loop's step."""
+            notes: list[str], planned_steps: int | None = None) -> Session:
+    """Data, model (same init on every rank), sampling EMA, wrappers, threads, precision
+    and compilation, optimizer, step: what a run trains with. Public so that `sddit bench
+    step` and `sddit profile` time and profile exactly the loop's step."""
     device = info.device
     local_batch = cfg.schedule.batch_size // info.world_size
     logger = MetricsLogger(cfg.run.dir, enabled=info.is_main, tensorboard=cfg.run.tensorboard)
@@ -206,6 +223,7 @@ def set_up(cfg: Config, info: D.DistInfo, net: nn.Module | None, batches,
         overrides = model_overrides(cfg, batches, device)
         net = model.build(cfg.model.name, **overrides)
     net = net.to(device)
+    execution = plan_run_execution(cfg, device, net, planned_steps)
     ema = SamplingEMA(net)
     if cfg.run.activation_checkpointing:
         D.apply_activation_checkpointing(net)
@@ -213,9 +231,9 @@ def set_up(cfg: Config, info: D.DistInfo, net: nn.Module | None, batches,
                                       cfg.distributed.find_unused_parameters)
     if D.is_sharded(net):  # FSDP2: the EMA is sharded alike, so its update is shard-local
         D.shard_fsdp2(ema.module, info)
-    if cfg.run.compile:
-        loss_module.compile()
-    autocast = autocast_context(cfg, device)
+    if execution.compile.on:
+        loss_module.compile(options=inductor_options(device))
+    autocast = autocast_context(cfg, device, execution.precision)
     fused_mode = "off" if cfg.run.cuda_graphs else cfg.run.fused_optimizer
     if wants_fused_optimizer(fused_mode, device, net, D.is_sharded(net)):
         optimizer = build_fused_optimizer(net, ema.module, cfg.optim,
@@ -231,7 +249,7 @@ def set_up(cfg: Config, info: D.DistInfo, net: nn.Module | None, batches,
     notes = notes + logger.notes + ([telemetry.note] if telemetry.note else [])
     return Session(cfg, info, batches, net, ema, optimizer, step_fn,
                    {"name": cfg.model.name, "overrides": overrides}, logger, telemetry, notes,
-                   owns_batches)
+                   owns_batches, execution)
 
 
 def _restore(s: Session, state: dict | None) -> Progress:
@@ -417,7 +435,10 @@ def train(cfg: Config, *, resume: bool | str = False, stop_after: int | None = N
     notes = list(plan.notes)
     if state is not None:
         notes += config_changes(state["config"], to_dict(cfg), allow_config_change)
-    s = set_up(cfg, info, net, batches, notes)
+    start_step = state["step"] if state is not None else 0
+    planned = max(cfg.schedule.total_steps - start_step, 0)
+    s = set_up(cfg, info, net, batches, notes,
+               planned_steps=planned if stop_after is None else min(planned, stop_after))
     progress = _restore(s, state)
     progress.last_ckpt = plan.path
     del state
@@ -445,7 +466,9 @@ def _announce(s: Session, p: Progress, resumed_from: str | None) -> None:
     s.logger.log({"event": "start", "step": p.step, "world_size": s.info.world_size,
                   "device": str(s.info.device), "resumed_from": resumed_from,
                   "num_params": sum(q.numel() for q in s.step_fn.params),
-                  "data_backend": getattr(s.batches, "backend", "custom"), "notes": s.notes})
+                  "data_backend": getattr(s.batches, "backend", "custom"),
+                  "execution": s.execution.record(), "notes": s.notes})
+    print(f"[sddit] execution: {s.execution.summary()}")
     for note in s.notes:
         print(f"[sddit] {note}")
 
@@ -557,8 +580,10 @@ def _sample_grid(s: Session, step: int) -> str | None:
     rng = ckpt.capture_rng_state()  # sampling must not perturb the training RNG
     try:
         path = os.path.join(cfg.run.dir, "samples", f"step{step:08d}.png")
-        return class_grid(sampler_net, int(sampler_net.config.num_classes),
-                          cfg.schedule.sample_per_class, path,
+        num_classes = int(sampler_net.config.num_classes)
+        # The run's precision (no compile: a grid is too few samples to repay one).
+        fast = accelerated_denoiser(sampler_net, s.execution.precision.name, "off")
+        return class_grid(fast, num_classes, cfg.schedule.sample_per_class, path,
                           num_steps=cfg.schedule.sample_steps, seed=cfg.run.seed)
     finally:
         ckpt.restore_rng_state(rng)
