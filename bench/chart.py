@@ -312,8 +312,10 @@ class Evaluator:
     def evaluate(self, settings: Settings, checkpoint: str, keep_images: int) -> dict:
         import metrics
         from train.checkpoint import load_sampling_model
+        from train.execution import accelerated_denoiser
 
         net, _ = load_sampling_model(checkpoint, self.device)
+        net = accelerated_denoiser(net, "auto", "auto", settings.fid_samples)
         fid_method = "features" if settings.fid_samples <= 5000 else "sqrtm"
         return metrics.evaluate_net(
             net, settings.fid_samples, self.reference, cfg_scale=settings.cfg_scale,
@@ -656,12 +658,13 @@ def time_training_step(name: str, overrides: dict, batch: int, steps: int, warmu
                        device: torch.device) -> dict[str, Any]:
     """Median wall time of the training loop's own step (bench/step.py: forward, backward,
     optimizer, teacher momentum, sampling EMA) on synthetic data of the model's shape;
-    bf16 autocast and the kernels on CUDA."""
+    bf16 autocast and the kernels on CUDA, the defaults' choices on CPU (bench step's
+    "auto" path: measured precision, compiled)."""
     from bench.step import build_rig, time_steps
 
-    rig = build_rig(name, "kernels" if device.type == "cuda" else "eager", batch, device,
+    rig = build_rig(name, "kernels" if device.type == "cuda" else "auto", batch, device,
                     overrides=overrides)
-    times_ms, _ = time_steps(rig, warmup, steps)
+    times_ms, _, _ = time_steps(rig, warmup, steps)
     seconds = statistics.median(times_ms) / 1e3
     c = rig.net.config
     return {"model": name, "batch_per_device": batch, "steps_per_s": 1 / seconds,

@@ -66,6 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-pr", action="store_true", help="skip precision/recall")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    from train.execution import add_sampling_arguments
+
+    add_sampling_arguments(parser)
     parser.add_argument("--out", default=None, help="write the JSON record here (+ a .png grid)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -184,8 +187,10 @@ def _score_checkpoint(args: argparse.Namespace, device: torch.device, rank: int)
     also writes a grid of the first 64 samples beside the record."""
     from metrics.evaluate import evaluate_net
     from train.checkpoint import load_sampling_model
+    from train.execution import accelerated_denoiser
 
     net, meta = load_sampling_model(args.ckpt, device)
+    net = accelerated_denoiser(net, args.precision, args.compile, args.num)
     metrics = evaluate_net(net, args.num, args.ref, cfg_scale=args.cfg_scale,
                            num_steps=args.steps, batch_size=args.batch_size,
                            seed_offset=args.seed_offset, progress=not args.no_progress,

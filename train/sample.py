@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from train.config import UsageError
+from train.execution import accelerated_denoiser, add_sampling_arguments
 from train.logging_utils import save_image_grid, to_uint8_images
 
 
@@ -66,6 +67,7 @@ def add_sample_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=256, help="images per sampler call")
     p.add_argument("--out", default=None, help="output folder (default: <run>/samples)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    add_sampling_arguments(p)
 
 
 def check_sample_args(args: argparse.Namespace) -> None:
@@ -89,6 +91,7 @@ def run_sample(args: argparse.Namespace) -> int:
     check_sample_args(args)
     device = resolve_device(args.device)
     net, meta = load_sampling_model(args.ckpt, device)
+    net = accelerated_denoiser(net, args.precision, args.compile, args.num)
     num_classes = int(net.config.num_classes)
     classes = args.classes if args.classes else list(range(num_classes))
     bad = [c for c in classes if not 0 <= c < num_classes]
