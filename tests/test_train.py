@@ -54,8 +54,9 @@ def _assert_states_equal(a: dict, b: dict, where: str = "") -> None:
             assert va == vb, f"{where}.{key}: {va} != {vb}"
 
 
-def test_resume_continues_bit_exactly(tmp_path) -> None:
-    sets = ("schedule.total_steps=8", "schedule.ckpt_every=4")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resume_continues_bit_exactly(tmp_path, precision: str) -> None:
+    sets = ("schedule.total_steps=8", "schedule.ckpt_every=4", f"run.precision='{precision}'")
     full = train(tiny_config(tmp_path / "full", *sets), batches=small_batches())
     half = train(tiny_config(tmp_path / "split", *sets), batches=small_batches(), stop_after=4)
     assert (full.step, half.step, half.stopped_by) == (8, 4, "stop_after")
@@ -94,8 +95,10 @@ class NaNAt:
             yield x, y
 
 
-def test_nonfinite_loss_skips_the_step_and_is_logged(tmp_path) -> None:
-    result = train(tiny_config(tmp_path, "schedule.total_steps=4"),
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_nonfinite_loss_skips_the_step_and_is_logged(tmp_path, precision: str) -> None:
+    result = train(tiny_config(tmp_path, "schedule.total_steps=4",
+                               f"run.precision='{precision}'"),
                    batches=NaNAt(small_batches(), bad={1}))
     assert result.step == 4 and result.skipped_steps == 1
     records = read_jsonl(str(result.metrics))
