@@ -152,6 +152,7 @@ def test_clear_errors(tmp_path, monkeypatch, capsys):
         prepare_latents(root, out, vae_path=str(tmp_path / "no_vae_here"))
     vae_dir = tmp_path / "vae"
     vae_dir.mkdir()
+    (vae_dir / "config.json").write_text("{}")
     monkeypatch.setitem(sys.modules, "diffusers", None)  # as if diffusers were not installed
     with pytest.raises(ImportError, match="pip install diffusers"):
         load_vae_encoder(str(vae_dir))
