@@ -277,3 +277,20 @@ def check_chart(mini: dict, reference: str, tmp_path) -> None:
     for png in glob.glob(str(tmp_path / "chart" / "samples" / "*.png")):
         with Image.open(png) as grid:  # the 8 decoded 32x32 RGB samples, 2 px apart
             assert grid.mode == "RGB" and grid.size == (10 * 34, 34)
+
+
+def test_decode_cost_measures_the_run_decoder(mini, tmp_path, capsys):
+    from bench import decode_cost
+
+    out = tmp_path / "decode.json"
+    assert decode_cost.main(["--vae", mini["vae"], "--latent-size", "8", "--batch", "2",
+                             "--repeats", "1", "--device", "cpu", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["image_shape"] == [3, 32, 32] and record["params"] == 62463
+    projected = record["projection"]
+    assert 0 < projected["decode_gflops_per_image"] < 0.1 and record["images_per_s"] > 0
+    assert projected["decode_hours_here"] == pytest.approx(
+        50_000 * record["seconds_per_image"] / 3600)
+    assert "images/s" in capsys.readouterr().out
+    assert decode_cost.main(["--vae", mini["vae"], "--batch", "0"]) == 2
+    assert "--batch must be a positive integer" in capsys.readouterr().err
