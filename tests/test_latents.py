@@ -208,3 +208,13 @@ def test_latents_are_never_written_as_images():
     assert to_uint8_images(torch.zeros(2, 3, 4, 4)).shape == (2, 4, 4, 3)
     with pytest.raises(ValueError, match="decoded by its VAE"):
         to_uint8_images(torch.zeros(2, 4, 4, 4))
+
+
+def test_vae_is_refused_for_a_pixel_run(tmp_path):
+    from train.config import UsageError
+    from train.sample import checkpoint_decoder
+
+    pixels = {"config": {"data": {"source": "animal-mnist"}}, "latents": None}
+    assert checkpoint_decoder(pixels, None, torch.device("cpu")) is None
+    with pytest.raises(UsageError, match="--vae .* for latent runs"):
+        checkpoint_decoder(pixels, str(tmp_path), torch.device("cpu"))

@@ -104,9 +104,13 @@ def checkpoint_decoder(meta: dict, vae: str | None, device: torch.device) -> Dec
     sampling; a VAE that cannot be reached or loaded is a UsageError naming --vae."""
     from train.data.latents import run_decoder
 
+    data = meta["config"].get("data", {})
+    if vae is not None and data.get("source") != "latents":
+        raise UsageError(f"--vae {vae}: this run was trained on {data.get('source')!r} pixels, "
+                         "whose samples are images already; --vae is for latent runs")
     try:
-        return run_decoder(meta["config"].get("data", {}), device, recorded=meta.get("latents"),
-                           override=vae, flag="--vae")
+        return run_decoder(data, device, recorded=meta.get("latents"), override=vae,
+                           flag="--vae")
     except (OSError, ImportError, ValueError) as exc:
         raise UsageError(str(exc)) from None
 
