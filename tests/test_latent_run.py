@@ -30,6 +30,7 @@ from torch import nn
 pytest.importorskip("diffusers")
 from diffusers import AutoencoderKL  # noqa: E402
 
+import metrics  # noqa: E402
 from bench import chart  # noqa: E402
 from sddit.cli import main as sddit_main  # noqa: E402
 from train.checkpoint import load_sampling_model  # noqa: E402
@@ -241,6 +242,8 @@ def check_missing_vae(mini: dict, run: str, tmp_path, capsys) -> None:
                               "--set", f'run.dir="{tmp_path / "run2"}"'], capsys)
         assert rc == 2 and mini["vae"] in err and "data.vae" in err
         assert not glob.glob(str(tmp_path / "run2" / "ckpt-*"))
+        assert chart.run_chart(chart_args(mini, str(tmp_path / "ref.npz"), tmp_path)) == 2
+        assert mini["vae"] in capsys.readouterr().err and not (tmp_path / "chart-work").exists()
         rc, _, err = run_cli(["sample", "--ckpt", run, "--num", "8", "--steps", "2", "--vae",
                               moved, "--out", str(tmp_path / "moved")], capsys)
         assert rc == 0, err
@@ -251,30 +254,37 @@ def check_missing_vae(mini: dict, run: str, tmp_path, capsys) -> None:
         os.rename(mini["vae"] + "-away", mini["vae"])
 
 
-def check_chart(mini: dict, reference: str, tmp_path) -> None:
+def chart_args(mini: dict, reference: str, tmp_path) -> argparse.Namespace:
     """A tiny paper-like plan (methods at two checkpoint steps plus a mask sweep point) on
-    the latents: every point scored on decoded RGB images."""
+    the latents."""
     parser = argparse.ArgumentParser()
     chart.add_chart_arguments(parser)
     sets = ['data.source="latents"', f'data.path="{mini["latents"]}"', "schedule.batch_size=8",
             "optim.warmup_steps=1", "schedule.log_every=1", "run.progress_bar=false",
             "model.overrides={patch_size=2, hidden_size=32, depth=4, num_heads=2, "
             "head_hidden_dim=32, head_bottleneck_dim=16, n_prototypes=32}"]
-    args = parser.parse_args(
+    return parser.parse_args(
         ["--methods", "SD-DiT,DiT", "--steps", "2,4", "--fid-samples", "8", "--mask-ratios", "0",
          "--out", str(tmp_path / "chart"), "--work-dir", str(tmp_path / "chart-work"),
          "--reference", reference, "--cache-dir", str(tmp_path / "cache"), "--sampler-steps",
          "2", "--fid-batch", "8", "--no-progress"] + [x for s in sets for x in ("--set", s)])
-    import metrics
 
+
+def check_chart(mini: dict, reference: str, tmp_path) -> None:
+    """The tiny plan run: every point scored on decoded RGB images."""
+    args = chart_args(mini, reference, tmp_path)
     network = metrics.load_network(mini["network"])
     summary = chart.run_chart_plan(chart.settings_from_args(args), network=network)
     assert summary["complete"] and set(summary["final"]) == {"SD-DiT", "DiT"}
     assert [row["mask_ratio"] for row in summary["mask_sweep"]] == [0.0]
-    for path in glob.glob(str(tmp_path / "chart" / "points" / "*.json")):
+    points = glob.glob(str(tmp_path / "chart" / "points" / "*.json"))
+    assert len(points) == 5  # 2 methods x 2 steps, and SD-DiT at mask 0
+    for path in points:
         with open(path) as f:
             assert np.isfinite(json.load(f)["fid"])
-    for png in glob.glob(str(tmp_path / "chart" / "samples" / "*.png")):
+    pngs = glob.glob(str(tmp_path / "chart" / "samples" / "*.png"))
+    assert len(pngs) == 3  # each run's final samples
+    for png in pngs:
         with Image.open(png) as grid:  # the 8 decoded 32x32 RGB samples, 2 px apart
             assert grid.mode == "RGB" and grid.size == (10 * 34, 34)
 

@@ -110,7 +110,7 @@ def checkpoint_decoder(meta: dict, vae: str | None, device: torch.device) -> Dec
                          "whose samples are images already; --vae is for latent runs")
     try:
         return run_decoder(data, device, recorded=meta.get("latents"), override=vae,
-                           flag="--vae")
+                           flag="--vae PATH")
     except (OSError, ImportError, ValueError) as exc:
         raise UsageError(str(exc)) from None
 

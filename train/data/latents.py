@@ -173,7 +173,7 @@ def _data_table(data: Any) -> dict[str, Any]:
 
 
 def run_vae_spec(data: Any, *, recorded: Mapping[str, Any] | None = None,
-                 override: str | None = None, flag: str = "--vae") -> VaeSpec | None:
+                 override: str | None = None, flag: str = "--vae PATH") -> VaeSpec | None:
     """The VAE that turns a run's samples into images; None for a run on pixels.
 
     `data` is the run's data config (a DataConfig or its table from a checkpoint),
@@ -189,7 +189,7 @@ def run_vae_spec(data: Any, *, recorded: Mapping[str, Any] | None = None,
     recorded = recorded or {}
     index_dir = str(table.get("path") or "")
     index = read_index(index_dir) if index_dir else None
-    candidates = [(override, f"given with {flag}"), (recorded.get("vae"), "recorded in the "
+    candidates = [(override, f"given as {flag}"), (recorded.get("vae"), "recorded in the "
                   "checkpoint"), (table.get("vae") or None, "data.vae in the run's config"),
                   (index and index_vae_folder(index), f"recorded in {index_dir}/{LATENT_INDEX}")]
     folder, source = next(((f, s) for f, s in candidates if f), (None, None))
@@ -201,11 +201,11 @@ def run_vae_spec(data: Any, *, recorded: Mapping[str, Any] | None = None,
         raise VaeUnavailableError(
             f"this run was trained on latents, so its samples must be decoded by its VAE, but "
             f"no VAE folder is known ({where}): give the folder of its diffusers "
-            f"AutoencoderKL with {flag} PATH. Nothing was sampled.")
+            f"AutoencoderKL with {flag}. Nothing was sampled.")
     if not os.path.isdir(folder):
         raise VaeUnavailableError(
             f"this run was trained on latents, so its samples must be decoded by its VAE, but "
-            f"the VAE folder {folder!r} ({source}) is not there: give it with {flag} PATH. "
+            f"the VAE folder {folder!r} ({source}) is not there: give it with {flag}. "
             "Nothing was sampled.")
     if not scale:
         raise VaeUnavailableError(
@@ -216,7 +216,7 @@ def run_vae_spec(data: Any, *, recorded: Mapping[str, Any] | None = None,
 
 
 def run_decoder(data: Any, device: torch.device | str, *, recorded: Mapping | None = None,
-                override: str | None = None, flag: str = "--vae", batch_size: int = 32
+                override: str | None = None, flag: str = "--vae PATH", batch_size: int = 32
                 ) -> LatentDecoder | None:
     """`run_vae_spec`'s VAE loaded on `device` as a LatentDecoder; None for a pixel run."""
     spec = run_vae_spec(data, recorded=recorded, override=override, flag=flag)
