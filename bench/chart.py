@@ -312,16 +312,33 @@ class Evaluator:
     def evaluate(self, settings: Settings, checkpoint: str, keep_images: int) -> dict:
         import metrics
         from train.checkpoint import load_sampling_model
+        from train.data.latents import run_decoder
         from train.execution import accelerated_denoiser
 
-        net, _ = load_sampling_model(checkpoint, self.device)
+        net, meta = load_sampling_model(checkpoint, self.device)
+        decode = run_decoder(meta["config"]["data"], self.device, recorded=meta.get("latents"),
+                             flag=VAE_FLAG)  # latent runs: their samples become images
         net = accelerated_denoiser(net, "auto", "auto", settings.fid_samples)
         fid_method = "features" if settings.fid_samples <= 5000 else "sqrtm"
         return metrics.evaluate_net(
             net, settings.fid_samples, self.reference, cfg_scale=settings.cfg_scale,
             num_steps=settings.sampler_steps, batch_size=settings.fid_batch, seed_offset=0,
             progress=settings.progress, network=self.network, fid_method=fid_method,
-            keep_images=keep_images, cache_dir=settings.cache_dir)
+            keep_images=keep_images, cache_dir=settings.cache_dir, decode=decode)
+
+
+VAE_FLAG = "--set data.vae=PATH"
+
+
+def check_samples_decodable(settings: Settings, plan: list[RunSpec]) -> None:
+    """Before any work: every latent run's VAE is there to turn its samples into images."""
+    from train.data.latents import run_vae_spec
+
+    for spec in plan:
+        try:
+            run_vae_spec(run_config(settings, spec).data, flag=VAE_FLAG)
+        except OSError as exc:
+            raise ChartError(f"{spec.key}: {exc}") from None
 
 
 def load_evaluator(settings: Settings, device: torch.device, network=None) -> Evaluator:
@@ -525,6 +542,7 @@ def run_chart_plan(settings: Settings, network=None) -> dict[str, Any]:
             if not os.path.isfile(point_path(settings, spec, step))]
     for spec in plan:  # every config resolves before any work starts
         run_config(settings, spec)
+    check_samples_decodable(settings, plan)
     env = {**environment(), "commit_dirty": tracked_changes()}
     if todo:
         evaluator = load_evaluator(settings, eval_device(), network)
@@ -753,6 +771,8 @@ def run_chart(args: argparse.Namespace) -> int:
         _check_reference(settings)
         for spec in build_plan(settings):  # every run's config resolves before any work
             run_config(settings, spec)
+        if not args.throughput_only and (settings.scale != "paper" or torch.cuda.is_available()):
+            check_samples_decodable(settings, build_plan(settings))  # (else refused below)
     except (ChartError, ConfigError, ValueError) as exc:
         print(f"bench.chart: {exc}", file=sys.stderr)
         return 2

@@ -136,6 +136,7 @@ class Session:
     notes: list[str]
     owns_batches: bool  # built here (so closed here), not handed in by the caller
     execution: ExecutionPlan  # threads, precision, compile: what was decided, and why
+    decode: object = None  # a latent run's VAE decode for the sample grids (main rank)
 
 
 @dataclass
@@ -435,10 +436,12 @@ def train(cfg: Config, *, resume: bool | str = False, stop_after: int | None = N
     notes = list(plan.notes)
     if state is not None:
         notes += config_changes(state["config"], to_dict(cfg), allow_config_change)
+    decode = grid_decoder(cfg, info, state)  # before any work: a latent run needs its VAE
     start_step = state["step"] if state is not None else 0
     planned = max(cfg.schedule.total_steps - start_step, 0)
     s = set_up(cfg, info, net, batches, notes,
                planned_steps=planned if stop_after is None else min(planned, stop_after))
+    s.decode = decode
     progress = _restore(s, state)
     progress.last_ckpt = plan.path
     del state
@@ -457,6 +460,20 @@ def train(cfg: Config, *, resume: bool | str = False, stop_after: int | None = N
     finally:
         if s.owns_batches:  # workers and pipelines end with the run, not at exit
             s.batches.close()
+
+
+def grid_decoder(cfg: Config, info: D.DistInfo, state: dict | None):
+    """On the main rank (which draws the sample grids), the VAE decode of a latent run
+    (None for pixels); ConfigError naming the folder and data.vae when it cannot load."""
+    if not info.is_main:
+        return None
+    from train.data.latents import run_decoder
+
+    try:
+        return run_decoder(cfg.data, info.device, recorded=(state or {}).get("latents"),
+                           override=cfg.data.vae or None, flag="--set data.vae=PATH")
+    except (OSError, ImportError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _announce(s: Session, p: Progress, resumed_from: str | None) -> None:
@@ -584,7 +601,8 @@ def _sample_grid(s: Session, step: int) -> str | None:
         # The run's precision (no compile: a grid is too few samples to repay one).
         fast = accelerated_denoiser(sampler_net, s.execution.precision.name, "off")
         return class_grid(fast, num_classes, cfg.schedule.sample_per_class, path,
-                          num_steps=cfg.schedule.sample_steps, seed=cfg.run.seed)
+                          num_steps=cfg.schedule.sample_steps, seed=cfg.run.seed,
+                          decode=s.decode)
     finally:
         ckpt.restore_rng_state(rng)
 
@@ -621,7 +639,8 @@ def _save(s: Session, p: Progress, elapsed: float) -> None:
                    "images_seen": p.images_seen, "skipped_steps": p.skipped,
                    "elapsed_s": elapsed, "rng": rng,
                    "data": {"epoch": p.epoch, "position": p.position},
-                   "config": to_dict(cfg), "model_build": s.build_record}
+                   "config": to_dict(cfg), "model_build": s.build_record,
+                   "latents": s.decode.spec.record() if s.decode is not None else None}
         path = ckpt.save_checkpoint(cfg.run.dir, p.step, payload, cfg.schedule.keep_last)
     p.last_ckpt = D.broadcast_object(path, info)
     p.last_saved = p.step
