@@ -13,13 +13,15 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from bench import chart, profile, step
+from bench import chart, precision_fid, profile, step
 
 BENCH_COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
     "step": (step.add_step_arguments, step.run_step,
              "training-step throughput of each path (eager, compile, kernels, both)"),
     "chart": (chart.add_chart_arguments, chart.run_chart,
               "the paper's steps/s-vs-FID chart (Fig. 3-5 analogues), small or paper scale"),
+    "precision": (precision_fid.add_precision_arguments, precision_fid.run_precision,
+                  "FID of the demo recipe trained in fp32 and in bf16 to the same step"),
 }
 
 
