@@ -1,7 +1,10 @@
 """DiT building blocks: embedders, the adaLN-Zero block, the final layer, token ops.
 
-Every op that has a fused kernel comes in two numerically equivalent paths, picked by
-`fused`: plain torch (the reference) or `sdkernels` (Triton on CUDA / the interpreter).
+Every op that has a fused kernel is called through one function here that picks, by
+`fused`, the sdkernels op (Triton on CUDA / the interpreter) or that op's reference
+(`sdkernels.<op>_ref`, plain torch that torch.compile sees through): the one reference
+the kernel tests hold the kernels to. sdkernels is imported on first use, so that
+`import model` does not import triton (TRITON_INTERPRET must be set before that).
 Weights are initialised in one place, `DiffusionTransformer.initialize_weights`.
 """
 
@@ -11,7 +14,6 @@ import math
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from model.attention import Attention
@@ -34,59 +36,55 @@ def _compute_dtype(x: torch.Tensor, branch: torch.Tensor) -> torch.dtype:
 
 def modulate_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, fused: bool
                   ) -> torch.Tensor:
-    """LayerNorm(x) * (1 + scale) + shift; x [B, T, D], shift/scale [B, D]. Fused, the
-    result takes shift/scale's (compute) dtype."""
-    if fused:
-        import sdkernels
+    """LayerNorm(x) * (1 + scale) + shift; x [B, T, D], shift/scale [B, D]. The result
+    takes shift/scale's (compute) dtype."""
+    import sdkernels
 
-        dtype = _compute_dtype(x, shift)
-        return sdkernels.adaln_modulate(x, shift.to(dtype), scale.to(dtype), LN_EPS)
-    h = F.layer_norm(x, x.shape[-1:], eps=LN_EPS)  # [B, T, D]
-    return h * (1 + scale[:, None]) + shift[:, None]
+    dtype = _compute_dtype(x, shift)
+    op = sdkernels.adaln_modulate if fused else sdkernels.adaln_modulate_ref
+    return op(x, shift.to(dtype), scale.to(dtype), LN_EPS)
 
 
 def residual_gate_norm(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor,
-                       shift: torch.Tensor | None, scale: torch.Tensor | None, fused: bool
-                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """x + gate * y, and the next sub-block's modulated input when shift/scale are given.
-    The residual stream keeps x's dtype; `.to` below is a no-op in the usual layouts."""
-    if shift is None or scale is None:
-        if x.dtype != torch.float32:  # keep a low-precision stream in its own dtype
-            y, gate = y.to(x.dtype), gate.to(x.dtype)
-        # No cast kernel of y: the product stays in y's dtype and the add promotes to x's
-        # fp32 on the fly (addcmul would be cast by autocast, which "promotes" it).
-        return x + gate[:, None].to(y.dtype) * y, None
-    if fused:
-        import sdkernels
+                       shift: torch.Tensor, scale: torch.Tensor, fused: bool
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + gate * y, its modulated norm) in one pass: the seam between two sub-blocks.
+    The residual stream keeps x's dtype, the norm takes the compute dtype."""
+    import sdkernels
 
-        dtype = _compute_dtype(x, y)
-        return sdkernels.residual_gate_adaln(x, *(t.to(dtype) for t in (y, gate, shift, scale)),
-                                             eps=LN_EPS)
-    x = x + gate[:, None] * y  # [B, T, D]
-    return x, modulate_norm(x, shift, scale, fused=False)
+    dtype = _compute_dtype(x, y)
+    op = sdkernels.residual_gate_adaln if fused else sdkernels.residual_gate_adaln_ref
+    return op(x, *(t.to(dtype) for t in (y, gate, shift, scale)), eps=LN_EPS)
+
+
+def add_gated(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """x + gate * y where no norm follows (a stack's output), in x's dtype."""
+    if x.dtype != torch.float32:  # keep a low-precision stream in its own dtype
+        y, gate = y.to(x.dtype), gate.to(x.dtype)
+    # No cast kernel of y: the product stays in y's dtype and the add promotes to x's
+    # fp32 on the fly (addcmul would be cast by autocast, which "promotes" it).
+    return x + gate[:, None].to(y.dtype) * y
 
 
 def gather_tokens(x: torch.Tensor, ids_keep: torch.Tensor, fused: bool) -> torch.Tensor:
     """x [B, L, D], ids_keep [B, K] -> [B, K, D]."""
-    if fused:
-        import sdkernels
+    import sdkernels
 
+    if fused:
         return sdkernels.gather_tokens(x, ids_keep, check_ids=False)  # ids from argsort
-    return torch.gather(x, 1, ids_keep[:, :, None].expand(-1, -1, x.shape[-1]))
+    return sdkernels.gather_tokens_ref(x, ids_keep)
 
 
 def scatter_tokens(x_keep: torch.Tensor, ids_keep: torch.Tensor, fill: torch.Tensor,
                    length: int, fused: bool) -> torch.Tensor:
     """x_keep [B, K, D] at ids_keep; every other position of the [B, L, D] output is `fill`
     ([B, L, D] noisy tokens, or a [D] mask token)."""
-    if fused:
-        import sdkernels
+    import sdkernels
 
-        return sdkernels.scatter_tokens(x_keep, ids_keep, fill.to(x_keep.dtype), length,
-                                       check_ids=False)
-    B, _, D = x_keep.shape
-    base = fill.to(x_keep.dtype).expand(B, length, D)  # [B, L, D]
-    return base.scatter(1, ids_keep[:, :, None].expand(-1, -1, D), x_keep)
+    fill = fill.to(x_keep.dtype)
+    if fused:
+        return sdkernels.scatter_tokens(x_keep, ids_keep, fill, length, check_ids=False)
+    return sdkernels.scatter_tokens_ref(x_keep, ids_keep, fill, length)
 
 
 def random_keep_ids(batch: int, length: int, num_kept: int, device: torch.device) -> torch.Tensor:
@@ -205,8 +203,9 @@ class DiTBlock(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         x, h = residual_gate_norm(x, self.attn(h), mod.gate_msa, mod.shift_mlp, mod.scale_mlp,
                                   fused)
-        shift, scale = next_shift_scale if next_shift_scale is not None else (None, None)
-        return residual_gate_norm(x, self.mlp(h), mod.gate_mlp, shift, scale, fused)
+        if next_shift_scale is None:
+            return add_gated(x, self.mlp(h), mod.gate_mlp), None
+        return residual_gate_norm(x, self.mlp(h), mod.gate_mlp, *next_shift_scale, fused)
 
 
 def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, c: torch.Tensor, fused: bool,

@@ -36,6 +36,7 @@ from model.layers import (
     Mlp,
     PatchEmbed,
     TimestepEmbedder,
+    add_gated,
     modulate_norm,
     residual_gate_norm,
     scatter_tokens,
@@ -129,8 +130,7 @@ class MDTBlock(nn.Module):
             self.adaLN_modulation(c).chunk(6, dim=-1))  # 6 x [B, D]
         h = modulate_norm(x, shift_msa, scale_msa, fused)
         x, h = residual_gate_norm(x, self.attn(h, index), gate_msa, shift_mlp, scale_mlp, fused)
-        x, _ = residual_gate_norm(x, self.mlp(h), gate_mlp, None, None, fused)
-        return x
+        return add_gated(x, self.mlp(h), gate_mlp)
 
 
 class MDTBackbone(nn.Module):

@@ -38,6 +38,7 @@ from model.layers import drop_labels, gather_tokens, kept_patch_weight, random_k
 from model.mdt import MDTBackbone, RelPosAttention, sample_num_kept
 from model.precond import (
     NoisyViews,
+    denoised,
     edm_loss,
     edm_scalings,
     mae_loss,
@@ -246,7 +247,7 @@ class DiffusionTransformer(nn.Module):
     def _denoise(self, x: torch.Tensor, sigma: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         s = edm_scalings(sigma, self.config.sigma_data)
         F = self.backbone(per_sample(s.c_in, x) * x, s.c_noise, y)  # [B, C, H, W]
-        return per_sample(s.c_skip, x) * x + per_sample(s.c_out, x) * F.float()
+        return denoised(x, F, sigma, self.config.sigma_data)
 
     # ------------------------------------------------------------------------- reporting
     @property
