@@ -117,10 +117,9 @@ def _span_hooks(net: torch.nn.Module, nvtx: bool) -> list[tuple[torch.nn.Module,
     for block in getattr(bb, "sideblocks", []):  # MDT's side-interpolater, in the decoder
         around(block, "side_interpolater")
     blocks = _encoder_blocks(bb)
-    if blocks:  # from the first block's adaLN modulation (computed first) to the last block
+    if blocks:  # from the first block's start to the last block's end
         enc = Span("student_encoder", nvtx)
-        first = getattr(blocks[0], "adaLN_modulation", blocks[0])
-        marks += [(first, "pre", enc.open), (blocks[-1], "post", enc.close)]
+        marks += [(blocks[0], "pre", enc.open), (blocks[-1], "post", enc.close)]
     # decoder: from the encoder's end (the scatter comes next) to the final layer's end
     dec = Span("decoder", nvtx)
     marks += [(blocks[-1] if blocks else bb.final_layer, "post", dec.open),

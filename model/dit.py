@@ -28,6 +28,7 @@ from model.layers import (
     modulate_norm,
     run_blocks,
     scatter_tokens,
+    settle,
     sincos_pos_embed_2d,
     unpatchify,
 )
@@ -108,8 +109,7 @@ class DiTBackbone(nn.Module):
         return self.t_embedder(c_noise) + self.y_embedder(y)  # [B, D]
 
     def encode(self, tokens: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        z, _ = run_blocks(self.encoder, tokens, c, self.fused)  # [B, T, D]
-        return z
+        return settle(*run_blocks(self.encoder, tokens, c, self.fused))  # [B, T, D]
 
     def decode(self, z: torch.Tensor, c: torch.Tensor, ids_keep: torch.Tensor | None = None,
                tokens: torch.Tensor | None = None) -> torch.Tensor:
@@ -125,8 +125,10 @@ class DiTBackbone(nn.Module):
             z = scatter_tokens(z, ids_keep, self.mask_token, L, self.fused)  # [B, L, Dd]
         if self.decoder_pos_embed is not None:
             z = z + self.decoder_pos_embed  # mask tokens learn where they are from this
-        _, h = run_blocks(self.decoder, z, c, self.fused, tail=self.final_layer.modulation(c))
-        return unpatchify(self.final_layer(h), cfg.patch_size, cfg.in_channels)  # [B, C, H, W]
+        # The decoder's last residual add runs fused with the final layer's adaLN.
+        branch, x = run_blocks(self.decoder, z, c, self.fused)  # [B, L, Dd]
+        return unpatchify(self.final_layer(branch, x, c, self.fused), cfg.patch_size,
+                          cfg.in_channels)  # [B, C, H, W]
 
     def forward(self, x_in: torch.Tensor, c_noise: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Inference: every token through the encoder and decoder, no mask."""

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from model.layers import gather_tokens, run_blocks
+from model.layers import gather_tokens, run_blocks, settle
 
 
 class DiscriminativeHead(nn.Module):
@@ -81,7 +81,7 @@ class EMATeacher(nn.Module):
         same kept logits)."""
         tokens = self.x_embedder(x_in) + pos_embed  # [B, L, D]: every token
         c = self.t_embedder(c_noise) + self.y_embedder(y)  # [B, D]
-        z, _ = run_blocks(self.encoder, tokens, c, fused)  # [B, L, D]
+        z = settle(*run_blocks(self.encoder, tokens, c, fused))  # [B, L, D]
         if ids_keep is None:
             logits = self.head(z)  # [B, L, K]
             return logits, logits

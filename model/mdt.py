@@ -238,8 +238,8 @@ class MDTBackbone(nn.Module):
         cfg = self.config
         for block in self.de_blocks:
             x = block(x, c, self.rel_index, self.fused, skip=tokens)
-        h = modulate_norm(x, *self.final_layer.modulation(c), self.fused)
-        return unpatchify(self.final_layer(h), cfg.patch_size, cfg.in_channels)  # [B, C, H, W]
+        out = self.final_layer(None, x, c, self.fused)  # [B, L, p*p*C]
+        return unpatchify(out, cfg.patch_size, cfg.in_channels)  # [B, C, H, W]
 
     def forward(self, x_in: torch.Tensor, c_noise: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The unmasked pass (inference): every token, no side-interpolater."""

@@ -248,7 +248,8 @@ def test_maskdit_decoder_starts_from_mask_token_plus_position() -> None:
     assert bb.decoder_layer is not None and bb.mask_token.abs().sum() > 0
     x0, y = batch(net, 2)
     seen: list[torch.Tensor] = []
-    bb.decoder[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    # A block takes (pending branch, residual stream, c): the first has no branch pending.
+    bb.decoder[0].register_forward_pre_hook(lambda m, args: seen.append(args[1].clone()))
     torch.manual_seed(0)
     ids_keep = torch.stack([torch.randperm(cfg.num_tokens)[:cfg.num_kept].sort().values
                             for _ in range(2)])

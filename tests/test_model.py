@@ -256,3 +256,28 @@ def test_method_registry_and_encoder_patches() -> None:
         net = model.build("SD-DiT-XL/2")
     assert model.encoder_patches(net) == 205
     assert model.encoder_patches(model.make_config("SD-DiT-tiny", mask_ratio=0.0)) == 256
+
+
+def test_prenorm_blocks_compute_dits_block() -> None:
+    """Each block adds the previous block's pending MLP branch fused with its own first
+    adaLN and uses only its own modulation; settled, the stack is DiT's block (models.py:
+    x += gate * branch(modulate(norm(x)))) applied block after block."""
+    from torch.nn.functional import layer_norm
+
+    from model.layers import DiTBlock, run_blocks, settle
+
+    blocks = torch.nn.ModuleList(DiTBlock(32, 2, 2.0, 16, "math") for _ in range(3))
+    perturb_(blocks, 0.2)  # gates and modulation away from their zero init
+    x, c = torch.randn(2, 5, 32), torch.randn(2, 16)
+
+    def modulate(t: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return layer_norm(t, (32,), eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
+
+    expected = x
+    for block in blocks:
+        s_msa, c_msa, g_msa, s_mlp, c_mlp, g_mlp = block.adaLN_modulation(c).chunk(6, dim=-1)
+        expected = expected + g_msa[:, None] * block.attn(modulate(expected, s_msa, c_msa))
+        expected = expected + g_mlp[:, None] * block.mlp(modulate(expected, s_mlp, c_mlp))
+    branch, stream = run_blocks(blocks, x, c, fused=False)
+    assert branch is not None  # the last MLP branch is left for the next layer to add
+    torch.testing.assert_close(settle(branch, stream), expected, rtol=1e-5, atol=1e-6)

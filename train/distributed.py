@@ -162,9 +162,9 @@ def apply_activation_checkpointing(net: nn.Module) -> int:
 def shard_fsdp2(root: nn.Module, info: DistInfo) -> None:
     """FSDP2 shard groups: each sub-layer of each block (its direct children with
     parameters), then the rest under `root`. FSDP2 gathers a group's parameters in its
-    forward hook, so the groups are modules that are called: a model may call parts of a
-    block outside block.forward (DiT's adaLN modulation is precomputed for the fused
-    residual+norm), and `root` must be the module whose forward() runs (the LossModule)."""
+    forward hook, so the groups are modules that are called (a block's attention, MLP and
+    adaLN modulation each are), and `root` must be the module whose forward() runs (the
+    LossModule)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
