@@ -116,12 +116,11 @@ class DiffusionTransformer(nn.Module):
         with self.phase_range("mask"):
             ids_keep = random_keep_ids(B, L, cfg.num_kept, device) if cfg.mask_ratio > 0 else None
 
-        tokens = bb.embed(views.x_in)  # [B, L, D]
-        c = bb.condition(views.c_noise, y)  # [B, D]
+        tokens, c = bb.embed(views.x_in, views.c_noise, y)  # [B, L, D], [B, D]
         with self.phase_range("mask"):
             kept = gather_tokens(tokens, ids_keep, fused) if ids_keep is not None else tokens
-        z = bb.encode(kept, c)  # [B, L_keep, D]
-        F = bb.decode(z, c, ids_keep, tokens)  # [B, C, H, W]
+        z = bb.encode(kept, c, ids_keep)  # [B, L_keep, D]
+        F = bb.final(*bb.decode(z, c, ids_keep, tokens), c)  # [B, C, H, W]
 
         kept_weight = kept_patch_weight(ids_keep, L) if ids_keep is not None else None  # [B, L]
         gen_weight = kept_weight if cfg.gen_loss_tokens == "kept" else None
@@ -157,16 +156,14 @@ class DiffusionTransformer(nn.Module):
             labels = drop_labels(y, cfg.class_dropout, cfg.num_classes)  # [B]
             with self.phase_range("noise"):
                 views = precondition(x0, noise, sigma, None, cfg.sigma_data, fused)
-            tokens = bb.embed(views.x_in)  # [B, L, D]
-            c = bb.condition(views.c_noise, labels)  # [B, D]
-            if name == "gen":
-                x = bb.encode(tokens, c) + bb.decoder_pos_embed  # [B, L, D]
-            else:
+            tokens, c = bb.embed(views.x_in, views.c_noise, labels)  # [B, L, D], [B, D]
+            ids_keep, kept = None, tokens
+            if name == "gen_masked":
                 with self.phase_range("mask"):
                     ids_keep = random_keep_ids(B, L, sample_num_kept(cfg), device)  # [B, K]
                     kept = gather_tokens(tokens, ids_keep, fused)  # [B, K, D]
-                x = bb.side_interpolate(bb.encode(kept, c, ids_keep), c, ids_keep)  # [B, L, D]
-            F = bb.decode(x, c, tokens)  # [B, C, H, W]
+            z = bb.encode(kept, c, ids_keep)  # [B, K, D]
+            F = bb.final(*bb.decode(z, c, ids_keep, tokens), c)  # [B, C, H, W]
             with self.phase_range("losses"):
                 losses[name] = edm_loss(F, views.x_noisy, x0, sigma, cfg.sigma_data, None,
                                         cfg.patch_size, fused).mean()

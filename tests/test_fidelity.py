@@ -253,8 +253,7 @@ def test_maskdit_decoder_starts_from_mask_token_plus_position() -> None:
     torch.manual_seed(0)
     ids_keep = torch.stack([torch.randperm(cfg.num_tokens)[:cfg.num_kept].sort().values
                             for _ in range(2)])
-    c = bb.condition(torch.zeros(2), y)
-    tokens = bb.embed(x0)
+    tokens, c = bb.embed(x0, torch.zeros(2), y)
     z = bb.encode(torch.gather(tokens, 1, ids_keep[..., None].expand(-1, -1, 64)), c)
     assert z.abs().sum() > 0  # the encoder output is not zero; the interface zeroes it
     bb.decode(z, c, ids_keep, tokens)
