@@ -21,7 +21,7 @@ from model.attention import available_attention_backends
 from model.config import METHODS, ModelConfig, make_config
 from model.flops import flops_per_image
 from model.heads import cosine_momentum
-from model.methods import DiffusionTransformer
+from model.network import DiffusionTransformer
 from model.sampler import edm_sample
 
 

@@ -112,7 +112,7 @@ def parameter_count(cfg: ModelConfig) -> dict[str, int]:
     'trainable' (student: everything an optimiser updates) and 'teacher' (SD-DiT's EMA copy)."""
     import torch
 
-    from model.methods import DiffusionTransformer
+    from model.network import DiffusionTransformer
 
     with torch.device("meta"):
         net = DiffusionTransformer(cfg)

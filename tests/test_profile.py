@@ -51,7 +51,7 @@ def test_ranges_are_set_on_the_instances_only_and_removed_afterwards() -> None:
     from torch.profiler import record_function
 
     import model
-    from model.methods import DiffusionTransformer
+    from model.network import DiffusionTransformer
 
     net, other = model.build("SD-DiT-tiny"), model.build("SD-DiT-tiny")
     step_fn = type("Step", (), {"phase_range": staticmethod(record_function)})()

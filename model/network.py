@@ -1,4 +1,5 @@
-"""SD-DiT, DiT and MaskDiT: one network class whose config says which method it trains.
+"""The trained network: SD-DiT, DiT, MaskDiT and MDT, one class whose config says which
+method it trains.
 
 Training step (`training_losses`), following METHOD.md:
 1. sigma = exp(P_mean + P_std N(0,1)), noise n; student view x0 + sigma n, teacher view
