@@ -186,8 +186,7 @@ def profile_run(args: argparse.Namespace, device: torch.device) -> tuple[Any, An
                       disable=None):
             with record_function("phase:data"):
                 x, y = stream.next()
-            rig.net.set_progress(i, 1_000_000)
-            rig.step_fn(x, y, 1e-4, 0.996, 0.9999)
+            rig.step_fn(x, y, rig.values(i))
             if cuda:
                 torch.cuda.synchronize(device)
             prof.step()

@@ -7,7 +7,7 @@ outside, in train/distributed.py).
 
     net = model.build("SD-DiT-XL/2", use_kernels=True)
     losses = net.training_losses(x0, y)          # {"loss", "gen", "dis"}
-    net.update_teacher(model.teacher_momentum(step, total_steps))
+    net.update_teacher(momentum)                 # the schedule's value (train/schedule.py)
     images = model.edm_sample(net, labels, seeds)
 """
 
@@ -20,7 +20,7 @@ from torch import nn
 from model.attention import available_attention_backends
 from model.config import METHODS, ModelConfig, make_config
 from model.flops import flops_per_image
-from model.heads import cosine_momentum
+from model.methods import LossInputs
 from model.network import DiffusionTransformer
 from model.sampler import edm_sample
 
@@ -48,14 +48,6 @@ def encoder_passes(net_or_config: nn.Module | ModelConfig) -> tuple[int, ...]:
     return _config(net_or_config).encoder_passes
 
 
-def teacher_momentum(step: int, total_steps: int, base: float = 0.996, final: float = 1.0
-                     ) -> float:
-    """Cosine schedule from base (step 0) to final (the last step), iBOT/DINO style. A run
-    uses `net.teacher_momentum(step, total_steps)`, which reads base and final from the
-    config (teacher_momentum_start / teacher_momentum_end)."""
-    return cosine_momentum(step, total_steps, base, final)
-
-
 def attention_backend(net: nn.Module) -> str:
     return net.attention_backend
 
@@ -63,6 +55,7 @@ def attention_backend(net: nn.Module) -> str:
 __all__ = [
     "METHODS",
     "DiffusionTransformer",
+    "LossInputs",
     "ModelConfig",
     "attention_backend",
     "available_attention_backends",
@@ -72,5 +65,4 @@ __all__ = [
     "encoder_patches",
     "flops_per_image",
     "make_config",
-    "teacher_momentum",
 ]

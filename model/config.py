@@ -109,8 +109,8 @@ class ModelConfig:
         """L_keep = L - round(r * L), the same count for every sample (MDT: int(L (1 - r)),
         as its public code, at the smallest ratio r = mask_ratio)."""
         if self.backbone == "mdt":
-            return int(self.num_tokens * (1 - self.mask_ratio))
-        return self.num_tokens - int(round(self.mask_ratio * self.num_tokens))
+            return mdt_kept_tokens(self.num_tokens, self.mask_ratio)
+        return kept_tokens(self.num_tokens, self.mask_ratio)
 
     @property
     def kept_distribution(self) -> list[tuple[int, float]]:
@@ -169,6 +169,16 @@ class ModelConfig:
     def teacher_sigma_range(self) -> tuple[float, float] | None:
         """(LO, HI) of a sampled teacher sigma ('logu:LO:HI'); None for 'min' / 'student'."""
         return parse_teacher_sigma(self.teacher_sigma)
+
+
+def kept_tokens(num_tokens: int, mask_ratio: float) -> int:
+    """L_keep = L - round(r L): the tokens a masked encoder pass keeps, for every sample."""
+    return num_tokens - int(round(mask_ratio * num_tokens))
+
+
+def mdt_kept_tokens(num_tokens: int, mask_ratio: float) -> int:
+    """MDT's count, int(L (1 - r)), as its public code rounds it."""
+    return int(num_tokens * (1 - mask_ratio))
 
 
 def parse_teacher_sigma(value: str) -> tuple[float, float] | None:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.backbone import Backbone
-from model.config import ModelConfig
+from model.config import ModelConfig, mdt_kept_tokens
 from model.layers import (
     Branch,
     FinalLayer,
@@ -48,12 +48,11 @@ from model.layers import (
 
 
 @torch.compiler.disable  # a host-side draw: one graph break, no recompiles of the draw
-def sample_num_kept(config: ModelConfig) -> int:
-    """Tokens the masked pass keeps this step: int(L (1 - r)), r = mask_ratio +
-    U(0, mask_ratio_jitter), drawn from torch's CPU generator (seeded, checkpointed, and no
-    device sync)."""
-    ratio = config.mask_ratio + config.mask_ratio_jitter * torch.rand(()).item()
-    return int(config.num_tokens * (1 - ratio))
+def sample_num_kept(num_tokens: int, mask_ratio: float, jitter: float) -> int:
+    """Tokens MDT's masked pass keeps this step: int(L (1 - r)), r = mask_ratio +
+    U(0, jitter), drawn from torch's CPU generator (seeded, checkpointed, and no device
+    sync)."""
+    return mdt_kept_tokens(num_tokens, mask_ratio + jitter * torch.rand(()).item())
 
 
 def relative_position_index(grid: int) -> torch.Tensor:

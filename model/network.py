@@ -25,18 +25,17 @@ import torch
 from torch import nn
 
 from model.attention import Attention, resolve_backend
-from model.config import ModelConfig
+from model.config import ModelConfig, kept_tokens
 from model.dit import DiTBackbone
 from model.heads import (
     DiscriminativeHead,
     EMATeacher,
-    cosine_momentum,
     self_distillation_loss,
-    teacher_temperature,
     update_center_,
 )
 from model.layers import drop_labels, gather_tokens, kept_patch_weight, random_keep_ids
 from model.mdt import MDTBackbone, RelPosAttention, sample_num_kept
+from model.methods import LossInputs
 from model.precond import (
     NoisyViews,
     denoised,
@@ -75,7 +74,6 @@ class DiffusionTransformer(nn.Module):
             self.head = DiscriminativeHead(config.hidden_size, config.head_hidden_dim,
                                            config.head_bottleneck_dim, config.n_prototypes)
             self.register_buffer("center", torch.zeros(config.n_prototypes))
-            self.register_buffer("tau_t", torch.tensor(config.tau_t_start), persistent=False)
         self.initialize_weights()
         if config.has_teacher:
             self.teacher = EMATeacher(self.backbone, self.head)  # starts equal to the student
@@ -99,12 +97,15 @@ class DiffusionTransformer(nn.Module):
             nn.init.normal_(self.head.prototypes, std=1.0)
 
     # ------------------------------------------------------------------------- training
-    def training_losses(self, x0: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    def training_losses(self, x0: torch.Tensor, y: torch.Tensor,
+                        inputs: LossInputs | None = None) -> dict[str, torch.Tensor]:
         """x0 [B, C, H, W], y [B] -> {"loss", "gen", and "dis" (SD-DiT) / "mae" (MaskDiT)}.
-        Noise, sigma, label dropout and masks come from the global RNG on x0's device."""
+        Noise, sigma, label dropout and masks come from the global RNG on x0's device; the
+        step's mask ratio and teacher temperature from `inputs` (default: the config's)."""
         cfg, bb, fused = self.config, self.backbone, self.config.use_kernels
+        inputs = inputs if inputs is not None else LossInputs.defaults(cfg)
         if cfg.backbone == "mdt":
-            return self.mdt_losses(x0, y)
+            return self.mdt_losses(x0, y, inputs)
         B, L, device = x0.shape[0], cfg.num_tokens, x0.device
         sigma = sample_sigma(B, cfg.P_mean, cfg.P_std, device)  # [B]
         noise = torch.randn_like(x0)  # [B, C, H, W]
@@ -115,7 +116,9 @@ class DiffusionTransformer(nn.Module):
             views = precondition(x0, noise, sigma, cfg.sigma_min if fixed_teacher else None,
                                  cfg.sigma_data, fused)
         with self.phase_range("mask"):
-            ids_keep = random_keep_ids(B, L, cfg.num_kept, device) if cfg.mask_ratio > 0 else None
+            ids_keep = None
+            if inputs.mask_ratio > 0:
+                ids_keep = random_keep_ids(B, L, kept_tokens(L, inputs.mask_ratio), device)
 
         tokens, c = bb.embed(views.x_in, views.c_noise, y)  # [B, L, D], [B, D]
         with self.phase_range("mask"):
@@ -132,7 +135,7 @@ class DiffusionTransformer(nn.Module):
         total = gen
         if cfg.has_teacher:
             x_in_t, c_noise_t = self.teacher_inputs(x0, noise, views)
-            losses["dis"] = self.discriminative_loss(z, x_in_t, c_noise_t, y, ids_keep)
+            losses["dis"] = self.discriminative_loss(z, x_in_t, c_noise_t, y, ids_keep, inputs)
             total = total + cfg.lambda_dis * losses["dis"]
         if cfg.mae_weight > 0 and kept_weight is not None:
             with self.phase_range("losses"):
@@ -142,11 +145,12 @@ class DiffusionTransformer(nn.Module):
         losses["loss"] = total
         return losses
 
-    def mdt_losses(self, x0: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    def mdt_losses(self, x0: torch.Tensor, y: torch.Tensor, inputs: LossInputs
+                   ) -> dict[str, torch.Tensor]:
         """MDTv2's step under EDM: one sigma per sample shared by two forwards, each with its
         own noise and label dropout (as the public code's two `training_losses` calls share
         t): "gen" of the unmasked pass plus "gen_masked" of the masked pass, whose ratio
-        r = mask_ratio + U(0, mask_ratio_jitter) is drawn once per step (CPU generator, no
+        r = inputs.mask_ratio + U(0, mask_ratio_jitter) is drawn once per step (CPU generator, no
         device sync) and keeps int(L (1 - r)) tokens per sample."""
         cfg, bb, fused = self.config, self.backbone, self.config.use_kernels
         B, L, device = x0.shape[0], cfg.num_tokens, x0.device
@@ -161,7 +165,8 @@ class DiffusionTransformer(nn.Module):
             ids_keep, kept = None, tokens
             if name == "gen_masked":
                 with self.phase_range("mask"):
-                    ids_keep = random_keep_ids(B, L, sample_num_kept(cfg), device)  # [B, K]
+                    num_kept = sample_num_kept(L, inputs.mask_ratio, cfg.mask_ratio_jitter)
+                    ids_keep = random_keep_ids(B, L, num_kept, device)  # [B, K]
                     kept = gather_tokens(tokens, ids_keep, fused)  # [B, K, D]
             z = bb.encode(kept, c, ids_keep)  # [B, K, D]
             F = bb.final(*bb.decode(z, c, ids_keep, tokens), c)  # [B, C, H, W]
@@ -188,7 +193,7 @@ class DiffusionTransformer(nn.Module):
 
     def discriminative_loss(self, z_s: torch.Tensor, x_in_teacher: torch.Tensor,
                             c_noise_teacher: torch.Tensor, y: torch.Tensor,
-                            ids_keep: torch.Tensor | None) -> torch.Tensor:
+                            ids_keep: torch.Tensor | None, inputs: LossInputs) -> torch.Tensor:
         """z_s: student encoder output [B, L_keep, D]; the teacher sees every token of its
         view. The centre averages the teacher's logits over all its tokens or the kept ones
         (`center_tokens`)."""
@@ -199,9 +204,10 @@ class DiffusionTransformer(nn.Module):
         student_logits = self.head(z_s)  # [B, L_keep, K]
         with self.phase_range("losses"):
             loss = self_distillation_loss(student_logits, teacher_logits, self.center,
-                                          cfg.tau_s, self.tau_t)
+                                          cfg.tau_s, inputs.teacher_temperature)
             if self.training:
-                update_center_(self.center, center_logits, cfg.center_momentum)
+                update_center_(self.center, center_logits, cfg.center_momentum,
+                               inputs.mean_over_ranks)
         return loss
 
     @torch.no_grad()
@@ -209,23 +215,6 @@ class DiffusionTransformer(nn.Module):
         """teacher <- momentum * teacher + (1 - momentum) * student (SD-DiT; else a no-op)."""
         if self.teacher is not None:
             self.teacher.ema_update_(self.backbone, self.head, momentum)
-
-    def teacher_momentum(self, step: int, total_steps: int) -> float:
-        """The teacher's EMA momentum at `step` of a run planned for `total_steps`: cosine
-        from teacher_momentum_start to teacher_momentum_end (SD-DiT); 1.0 without a teacher."""
-        if self.teacher is None:
-            return 1.0
-        cfg = self.config
-        return cosine_momentum(step, total_steps, cfg.teacher_momentum_start,
-                               cfg.teacher_momentum_end)
-
-    def set_progress(self, step: int, total_steps: int) -> None:
-        """Teacher-temperature warm-up (SD-DiT; else a no-op), over the first
-        tau_t_warmup_frac of a run planned for `total_steps`."""
-        if self.teacher is not None:
-            cfg = self.config
-            self.tau_t.fill_(teacher_temperature(step, total_steps, cfg.tau_t_start,
-                                                 cfg.tau_t_end, cfg.tau_t_warmup_frac))
 
     # ------------------------------------------------------------------------- inference
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor | float, y: torch.Tensor,

@@ -46,37 +46,7 @@ def losses_at_seed(net: model.DiffusionTransformer, seed: int = 3) -> dict[str, 
 
 
 # ----------------------------------------------------------------------------- momentum
-def test_teacher_momentum_fields_drive_the_schedule() -> None:
-    net = sd_micro()
-    assert (net.config.teacher_momentum_start, net.config.teacher_momentum_end) == (0.996, 1.0)
-    assert net.teacher_momentum(0, 100) == pytest.approx(0.996)
-    assert net.teacher_momentum(100, 100) == pytest.approx(1.0)
-    custom = sd_micro(teacher_momentum_start=0.9, teacher_momentum_end=0.99)
-    assert custom.teacher_momentum(0, 10) == pytest.approx(0.9)
-    assert custom.teacher_momentum(5, 10) == pytest.approx(0.945)
-    assert custom.teacher_momentum(10, 10) == pytest.approx(0.99)
-    assert custom.teacher_momentum(50, 10) == pytest.approx(0.99)  # past the plan: held
-    # The module-level function keeps its signature and defaults.
-    assert model.teacher_momentum(5, 10, 0.9, 0.99) == pytest.approx(0.945)
-    assert model.teacher_momentum(0, 10) == pytest.approx(0.996)
-    # Methods without a teacher: harmless 1.0.
-    assert model.build("DiT-tiny").teacher_momentum(0, 10) == 1.0
-
-
-def test_teacher_momentum_changes_the_teacher_update() -> None:
-    nets = [sd_micro(), sd_micro(teacher_momentum_start=0.5)]
-    nets[1].load_state_dict(nets[0].state_dict())
-    name = "encoder.0.attn.qkv.weight"
-    before = dict(nets[0].teacher.named_parameters())[name].clone()
-    for net in nets:
-        perturb_(net.backbone, seed=1)  # the same student step, away from the teacher
-        net.update_teacher(net.teacher_momentum(0, 100))
-    student = dict(nets[1].backbone.named_parameters())[name]
-    for net, m in zip(nets, (0.996, 0.5), strict=True):
-        torch.testing.assert_close(dict(net.teacher.named_parameters())[name],
-                                   m * before + (1 - m) * student)
-
-
+# The momentum schedule itself is the training schedule's (tests/test_schedule.py).
 @pytest.mark.parametrize("start, end", [(0.9, 0.8), (-0.1, 1.0), (0.9, 1.1), ("0.9", 1.0)])
 def test_teacher_momentum_is_validated(start, end) -> None:
     with pytest.raises(ValueError, match="teacher_momentum"):

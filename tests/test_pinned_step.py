@@ -45,7 +45,8 @@ CASES: dict[str, tuple[str, dict]] = {
     "MDT": ("MDT-tiny", dict(input_size=8, in_channels=2, num_classes=5, hidden_size=64,
                              depth=4, num_heads=2, decoder_depth=2)),
 }
-# SD-DiT's teacher temperature part-way through its warm-up: step 5 of 100 (tau_t 0.055).
+# SD-DiT's teacher temperature part-way through its warm-up: step 5 of 100 (tau_t 0.055),
+# as the training schedule hands it to the loss.
 WARMUP_STEP, PLANNED_STEPS = 5, 100
 TEACHER_MOMENTUM = 0.9
 
@@ -60,10 +61,13 @@ def build(case: str, use_kernels: bool = False) -> torch.nn.Module:
 
 def run_step(net: torch.nn.Module) -> dict:
     """One loss forward and backward under seed 3, the digest of what it gave."""
+    from train.config import EMAConfig, OptimConfig
+    from train.schedule import Schedule
+
     x0, y = model_batch(net, 3, seed=2)
-    net.set_progress(WARMUP_STEP, PLANNED_STEPS)
+    schedule = Schedule(OptimConfig(), EMAConfig(), 3, net.config)
     torch.manual_seed(3)
-    losses = net.training_losses(x0, y)
+    losses = net.training_losses(x0, y, schedule.loss_inputs(WARMUP_STEP, PLANNED_STEPS))
     losses["loss"].backward()
     out = {"losses": {k: float(v.detach()) for k, v in sorted(losses.items())},
            "next_draw": float(torch.rand(())), "grads": {}}

@@ -154,16 +154,6 @@ def test_activation_checkpointing_gives_the_same_training(tmp_path) -> None:
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-5, atol=1e-6)
 
 
-def test_ema_half_life_matches_edm_form() -> None:
-    from train.config import EMAConfig
-    from train.ema import ema_beta
-
-    cfg = EMAConfig(half_life_kimg=10.0, rampup_ratio=0.0)
-    assert ema_beta(cfg, 0, 10_000) == pytest.approx(0.5)  # one half-life per batch
-    assert ema_beta(EMAConfig(half_life_kimg=10.0, rampup_ratio=0.5), 0, 8) == 0.0
-    assert ema_beta(EMAConfig(decay=0.9999), 123, 8) == 0.9999
-
-
 def test_fused_optimizer_trains_like_the_three_torch_updates(tmp_path) -> None:
     """run.fused_optimizer='on' (one Triton pass: AdamW, teacher momentum, sampling EMA,
     through the interpreter here) lands where the torch optimizer + lerps do, skips a

@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from model import LossInputs
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -121,8 +123,9 @@ class LossModule(nn.Module):
         super().__init__()
         self.net = net
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.net.training_losses(x, y)
+    def forward(self, x: torch.Tensor, y: torch.Tensor, inputs: LossInputs
+                ) -> dict[str, torch.Tensor]:
+        return self.net.training_losses(x, y, inputs)
 
 
 def find_block_lists(net: nn.Module) -> list[nn.ModuleList]:
