@@ -317,7 +317,7 @@ def _print_attention_choices(choices: list[dict[str, Any]]) -> None:
 def method_table(name: str) -> list[dict[str, Any]]:
     """model.flops.method_table at `name`'s size: parameters, teacher parameters and
     training / inference GFLOPs per image of every method."""
-    from model.config import METHODS
+    from model import METHODS
     from model.flops import method_table as table
 
     method = next(m for m in sorted(METHODS, key=len, reverse=True)

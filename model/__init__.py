@@ -1,5 +1,6 @@
-"""SD-DiT, DiT, MaskDiT and MDT as configurations of one network, with EDM preconditioning
-and sampling. `METHODS` lists the methods in the chart's order.
+"""SD-DiT, DiT, MaskDiT and MDT: one loss class per method (model/methods/) over one
+backbone interface (model/backbone.py), with EDM preconditioning and sampling. `METHODS`
+lists the shipped methods in the chart's order; `register_method` adds one.
 
 Layer: sdkernels <- **model** <- data <- train, metrics <- bench <- sddit. It imports torch
 and sdkernels only; the network is written for one device (parallelism is applied from
@@ -18,10 +19,19 @@ from typing import Any
 from torch import nn
 
 from model.attention import available_attention_backends
-from model.config import METHODS, ModelConfig, make_config
+from model.backbone import Backbone
+from model.config import ModelConfig
 from model.flops import flops_per_image
-from model.methods import LossInputs
+from model.methods import (
+    METHODS,
+    LossInputs,
+    Method,
+    method_names,
+    register_method,
+    unregister_method,
+)
 from model.network import DiffusionTransformer
+from model.presets import make_config
 from model.sampler import edm_sample
 
 
@@ -54,8 +64,10 @@ def attention_backend(net: nn.Module) -> str:
 
 __all__ = [
     "METHODS",
+    "Backbone",
     "DiffusionTransformer",
     "LossInputs",
+    "Method",
     "ModelConfig",
     "attention_backend",
     "available_attention_backends",
@@ -65,4 +77,7 @@ __all__ = [
     "encoder_patches",
     "flops_per_image",
     "make_config",
+    "method_names",
+    "register_method",
+    "unregister_method",
 ]

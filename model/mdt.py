@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.backbone import Backbone
-from model.config import ModelConfig, mdt_kept_tokens
+from model.config import ModelConfig
 from model.layers import (
     Branch,
     FinalLayer,
@@ -45,14 +45,6 @@ from model.layers import (
     sincos_pos_embed_2d,
     unpatchify,
 )
-
-
-@torch.compiler.disable  # a host-side draw: one graph break, no recompiles of the draw
-def sample_num_kept(num_tokens: int, mask_ratio: float, jitter: float) -> int:
-    """Tokens MDT's masked pass keeps this step: int(L (1 - r)), r = mask_ratio +
-    U(0, jitter), drawn from torch's CPU generator (seeded, checkpointed, and no device
-    sync)."""
-    return mdt_kept_tokens(num_tokens, mask_ratio + jitter * torch.rand(()).item())
 
 
 def relative_position_index(grid: int) -> torch.Tensor:

@@ -58,9 +58,9 @@ def capture_c_noise(net: model.DiffusionTransformer) -> dict[str, list[torch.Ten
     seen: dict[str, list[torch.Tensor]] = {"student": [], "teacher": [], "teacher_x": []}
     net.backbone.t_embedder.register_forward_hook(
         lambda m, args, out: seen["student"].append(args[0].clone()))
-    net.teacher.t_embedder.register_forward_hook(
+    net.method.teacher.t_embedder.register_forward_hook(
         lambda m, args, out: seen["teacher"].append(args[0].clone()))
-    net.teacher.x_embedder.register_forward_hook(
+    net.method.teacher.x_embedder.register_forward_hook(
         lambda m, args, out: seen["teacher_x"].append(args[0].clone()))
     return seen
 
@@ -114,12 +114,13 @@ def test_center_tokens_all_averages_every_teacher_token() -> None:
     for mode in ("all", "kept"):
         net = twin(base, center_tokens=mode, center_momentum=0.0)
         logits: list[torch.Tensor] = []
-        net.teacher.head.register_forward_hook(lambda m, a, out, seen=logits: seen.append(out))
+        net.method.teacher.head.register_forward_hook(
+            lambda m, a, out, seen=logits: seen.append(out))
         losses_at_seed(net)
         tokens = logits[0].shape[1]
         assert tokens == (net.config.num_tokens if mode == "all" else net.config.num_kept)
-        torch.testing.assert_close(net.center, logits[0].flatten(0, 1).mean(0))
-        centers[mode] = net.center.clone()
+        torch.testing.assert_close(net.method.center, logits[0].flatten(0, 1).mean(0))
+        centers[mode] = net.method.center.clone()
     assert not torch.allclose(centers["all"], centers["kept"])
     # Same discriminative loss at step 0 (the centre only moves after the loss).
     a, k = (losses_at_seed(twin(base, center_tokens=m)) for m in ("all", "kept"))
@@ -145,7 +146,7 @@ def test_kernel_path_matches_reference_for_teacher_options(overrides: dict) -> N
     assert sdkernels.current_backend(x0) == "triton"
     out = []
     for net in (ref, fused):
-        out.append((*losses_and_grads(net, x0, y), net.center.clone()))
+        out.append((*losses_and_grads(net, x0, y), net.method.center.clone()))
     (rl, rg, rc), (kl, kg, kc) = out
     for name in rl:
         torch.testing.assert_close(kl[name], rl[name], rtol=1e-4, atol=1e-6)

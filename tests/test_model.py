@@ -92,25 +92,25 @@ def test_teacher_gets_no_gradients_and_is_no_trainable_parameter() -> None:
     perturb_(net)
     x0, y = batch(net)
     net.training_losses(x0, y)["loss"].backward()
-    teacher = list(net.teacher.parameters())
+    teacher = list(net.method.teacher.parameters())
     assert teacher and all(not p.requires_grad and p.grad is None for p in teacher)
     trainable = {id(p) for p in net.parameters() if p.requires_grad}
     assert not trainable & {id(p) for p in teacher}
-    student = [p for n, p in net.named_parameters() if not n.startswith("teacher.")]
+    student = [p for n, p in net.named_parameters() if not n.startswith("method.teacher.")]
     assert all(p.grad is not None for p in student)
-    assert net.head.prototypes.grad.abs().sum() > 0  # the discriminative loss trains the head
+    assert net.method.head.prototypes.grad.abs().sum() > 0  # the discriminative loss trains it
 
 
 def test_update_teacher_is_exact_ema() -> None:
     net = micro("SD-DiT")
     perturb_(net)  # student and teacher now differ
-    teacher, student = net.teacher.pairs(net.backbone, net.head)
+    teacher, student = net.method.teacher.pairs(net.backbone, net.method.head)
     before = [t.clone() for t in teacher]
     m = 0.9
     net.update_teacher(m)
     for t, t0, s in zip(teacher, before, student, strict=True):
         torch.testing.assert_close(t, m * t0 + (1 - m) * s, rtol=1e-6, atol=1e-7)
-    assert len(teacher) == len(list(net.teacher.parameters()))
+    assert len(teacher) == len(list(net.method.teacher.parameters()))
     model.build("DiT-tiny").update_teacher(0.5)  # a no-op without a teacher
 
 
@@ -120,10 +120,10 @@ def test_center_moves_only_in_training_mode() -> None:
     x0, y = batch(net)
     net.eval()
     net.training_losses(x0, y)
-    assert (net.center == 0).all()
+    assert (net.method.center == 0).all()
     net.train()
     net.training_losses(x0, y)
-    assert net.center.abs().sum() > 0
+    assert net.method.center.abs().sum() > 0
 
 
 @pytest.mark.parametrize("method", ["SD-DiT", "MaskDiT"])
@@ -134,10 +134,10 @@ def test_inference_ignores_teacher_and_draws_no_random_numbers(method: str) -> N
     state = torch.get_rng_state()
     out = net.denoise(x, 1.3, y)
     assert torch.equal(torch.get_rng_state(), state), "inference must not draw masks or noise"
-    if net.teacher is not None:
-        perturb_(net.teacher, scale=1.0)
-        net.teacher.register_forward_pre_hook(lambda *a: pytest.fail("teacher used"))
-        net.head.register_forward_pre_hook(lambda *a: pytest.fail("head used"))
+    if getattr(net.method, "teacher", None) is not None:  # SD-DiT's
+        perturb_(net.method.teacher, scale=1.0)
+        net.method.teacher.register_forward_pre_hook(lambda *a: pytest.fail("teacher used"))
+        net.method.head.register_forward_pre_hook(lambda *a: pytest.fail("head used"))
     torch.testing.assert_close(net.denoise(x, 1.3, y), out, rtol=0, atol=0)
 
 
@@ -190,8 +190,9 @@ def test_backbone_parameter_counts_match_dit_paper() -> None:
         assert abs(count - expected) / expected < 0.01, f"DiT-{size}/2: {count / 1e6:.1f}M"
     with torch.device("meta"):
         sd = model.build("SD-DiT-XL/2")
-    student = sum(p.numel() for n, p in sd.named_parameters() if not n.startswith("teacher."))
-    assert student > 675e6 and not any(p.requires_grad for p in sd.teacher.parameters())
+    student = sum(p.numel() for n, p in sd.named_parameters()
+                  if not n.startswith("method.teacher."))
+    assert student > 675e6 and not any(p.requires_grad for p in sd.method.teacher.parameters())
 
 
 @pytest.mark.parametrize("overrides, field", [

@@ -39,14 +39,14 @@ def test_teacher_momentum_changes_the_teacher_update() -> None:
             for fields in ({}, {"teacher_momentum_start": 0.5})]
     nets[1].load_state_dict(nets[0].state_dict())
     name = "encoder.0.attn.qkv.weight"
-    before = dict(nets[0].teacher.named_parameters())[name].clone()
+    before = dict(nets[0].method.teacher.named_parameters())[name].clone()
     for net in nets:
         perturb_(net.backbone, seed=1)  # the same student step, away from the teacher
         schedule = Schedule(OptimConfig(), EMAConfig(), 8, net.config)
         net.update_teacher(schedule.at(0, 100).teacher_momentum)
     student = dict(nets[1].backbone.named_parameters())[name]
     for net, m in zip(nets, (0.996, 0.5), strict=True):
-        torch.testing.assert_close(dict(net.teacher.named_parameters())[name],
+        torch.testing.assert_close(dict(net.method.teacher.named_parameters())[name],
                                    m * before + (1 - m) * student)
 
 

@@ -67,9 +67,9 @@ def test_resume_continues_bit_exactly(tmp_path) -> None:
         _assert_states_equal(a[part], b[part], part)
     assert a["data"] == {"epoch": 2, "position": 2}
     assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"])
-    assert "teacher.encoder.0.attn.qkv.weight" in a["model"] or any(
-        k.startswith("teacher.") for k in a["model"])  # the teacher is checkpointed
-    assert "center" in a["model"]
+    assert "method.teacher.encoder.0.attn.qkv.weight" in a["model"] or any(
+        k.startswith("method.teacher.") for k in a["model"])  # the teacher is checkpointed
+    assert "method.center" in a["model"]
 
 
 class NaNAt:
@@ -170,7 +170,7 @@ def test_fused_optimizer_trains_like_the_three_torch_updates(tmp_path) -> None:
             if value.is_floating_point():
                 torch.testing.assert_close(b[part][key], value, rtol=1e-5, atol=1e-6,
                                            msg=f"{part}.{key}")
-    assert a["model"]["center"].ne(0).any()  # the teacher's centre moved, and agrees
+    assert a["model"]["method.center"].ne(0).any()  # the teacher's centre moved, and agrees
     more = train(tiny_config(tmp_path / "fused", "schedule.total_steps=5",
                              "optim.weight_decay=0.01", "run.fused_optimizer='on'"),
                  batches=small_batches(), resume=True)
