@@ -322,11 +322,13 @@ def add_profile_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _resolve(args: argparse.Namespace) -> torch.device:
-    if args.device not in ("auto", "cuda", "cpu"):
-        raise ValueError(f"--device must be auto, cuda or cpu, got {args.device!r}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
-    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    from train.distributed import resolve_device
+
+    try:
+        device = resolve_device(args.device, what="--device")
+    except RuntimeError as exc:  # cuda asked for, none here: a bad argument like any other
+        raise ValueError(str(exc)) from None
+    cuda = device.type == "cuda"
     args.model = args.model or ("SD-DiT-XL/2" if cuda else "SD-DiT-tiny")
     args.batch = args.batch or (32 if cuda else 8)
     args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
@@ -336,7 +338,7 @@ def _resolve(args: argparse.Namespace) -> torch.device:
     import model
 
     model.make_config(args.model)  # an unknown preset fails here, before any work
-    return torch.device("cuda" if cuda else "cpu")
+    return device
 
 
 def _run_static(args: argparse.Namespace) -> int:

@@ -34,16 +34,20 @@ class DistInfo:
         return self.world_size > 1
 
 
-def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
+def resolve_device(preference: str, local_rank: int = 0, what: str = "run.device"
+                   ) -> torch.device:
+    """'auto' | 'cpu' | 'cuda' -> this rank's device ('auto': CUDA when available). The one
+    place that decides; `what` names the setting in errors (ValueError for a bad value,
+    RuntimeError for 'cuda' without a CUDA device)."""
     if preference == "auto":
         preference = "cuda" if torch.cuda.is_available() else "cpu"
     if preference == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("run.device = 'cuda' but no CUDA device is available")
+            raise RuntimeError(f"{what} = 'cuda' but no CUDA device is available")
         return torch.device("cuda", local_rank)
     if preference == "cpu":
         return torch.device("cpu")
-    raise ValueError(f"run.device must be 'auto', 'cpu' or 'cuda', got {preference!r}")
+    raise ValueError(f"{what} must be 'auto', 'cpu' or 'cuda', got {preference!r}")
 
 
 def init_distributed(device_preference: str = "auto") -> DistInfo:

@@ -140,10 +140,18 @@ def to_uint8_images(images: torch.Tensor) -> np.ndarray:
 
 def save_image_grid(images: torch.Tensor, path: str, ncols: int, scale: int = 1,
                     pad: int = 1) -> str:
-    """Tiles [N, C, H, W] images row by row into a PNG; `scale` enlarges small images."""
+    """Tiles float [N, C, H, W] images in [-1, 1] row by row into a PNG; `scale` enlarges
+    small images."""
+    return save_tile_grid(to_uint8_images(images), path, ncols, scale, pad)
+
+
+def save_tile_grid(tiles: np.ndarray, path: str, ncols: int, scale: int = 1, pad: int = 1
+                   ) -> str:
+    """Tiles uint8 [N, H, W, C] images row by row into a PNG, `pad` pixels apart and from
+    the edges; `scale` enlarges small images. The one grid writer (sampling, training,
+    `sddit eval` and the chart)."""
     from PIL import Image
 
-    tiles = to_uint8_images(images)  # [N, H, W, C]
     n, h, w, c = tiles.shape
     ncols = max(1, min(ncols, n))
     nrows = math.ceil(n / ncols)
