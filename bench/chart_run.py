@@ -172,7 +172,7 @@ def save_samples(images, path: str, per_row: int = 10) -> str:
     """A uint8 [N, C, H, W] batch as one PNG grid (rows of `per_row`: one image per class)."""
     from train.logging_utils import save_tile_grid
 
-    return save_tile_grid(images.transpose(0, 2, 3, 1), path, ncols=per_row, pad=2)
+    return save_tile_grid(images.transpose(0, 2, 3, 1), path, ncols=per_row, gap=2, border=1)
 
 
 # ----------------------------------------------------------------------------- progress

@@ -100,8 +100,7 @@ def save_grid(images: np.ndarray, path: str | Path) -> None:
     """uint8 [N, C, H, W] -> one PNG, ceil(sqrt(N)) images per row."""
     from train.logging_utils import save_tile_grid
 
-    save_tile_grid(images.transpose(0, 2, 3, 1), str(path), int(np.ceil(np.sqrt(len(images)))),
-                   pad=0)
+    save_tile_grid(images.transpose(0, 2, 3, 1), str(path), int(np.ceil(np.sqrt(len(images)))))
 
 
 def _summary(record: dict) -> str:
