@@ -46,7 +46,7 @@ from bench.chart_plan import (
     run_config,
     settings_from_args,
 )
-from bench.chart_run import run_chart_plan, throughput_only
+from bench.chart_run import check_samples_decodable, run_chart_plan, throughput_only
 from bench.chart_summary import format_summary
 
 # ----------------------------------------------------------------------------- CLI
@@ -100,6 +100,8 @@ def run_chart(args: argparse.Namespace) -> int:
         _check_reference(settings)
         for spec in build_plan(settings):  # every run's config resolves before any work
             run_config(settings, spec)
+        if not args.throughput_only and (settings.scale != "paper" or torch.cuda.is_available()):
+            check_samples_decodable(settings, build_plan(settings))  # (else refused below)
     except (ChartError, ConfigError, ValueError) as exc:
         print(f"bench.chart: {exc}", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ import model
 from bench._harness import environment, write_json
 from bench.chart_plan import (
     SCHEMA,
+    ChartError,
     RunSpec,
     Settings,
     build_plan,
@@ -99,14 +100,33 @@ class Evaluator:
     def evaluate(self, settings: Settings, checkpoint: str, keep_images: int) -> dict:
         import metrics
         from train.checkpoint import load_sampling_model
+        from train.data.latents import run_decoder
+        from train.execution import accelerated_denoiser
 
-        net, _ = load_sampling_model(checkpoint, self.device)
+        net, meta = load_sampling_model(checkpoint, self.device)
+        decode = run_decoder(meta["config"]["data"], self.device, recorded=meta.get("latents"),
+                             flag=VAE_FLAG)  # latent runs: their samples become images
+        net = accelerated_denoiser(net, "auto", "auto", settings.fid_samples)
         fid_method = "features" if settings.fid_samples <= 5000 else "sqrtm"
         return metrics.evaluate_net(
             net, settings.fid_samples, self.reference, cfg_scale=settings.cfg_scale,
             num_steps=settings.sampler_steps, batch_size=settings.fid_batch, seed_offset=0,
             progress=settings.progress, network=self.network, fid_method=fid_method,
-            keep_images=keep_images, cache_dir=settings.cache_dir)
+            keep_images=keep_images, cache_dir=settings.cache_dir, decode=decode)
+
+
+VAE_FLAG = "--set data.vae=PATH"
+
+
+def check_samples_decodable(settings: Settings, plan: list[RunSpec]) -> None:
+    """Before any work: every latent run's VAE is there to turn its samples into images."""
+    from train.data.latents import run_vae_spec
+
+    for spec in plan:
+        try:
+            run_vae_spec(run_config(settings, spec).data, flag=VAE_FLAG)
+        except OSError as exc:
+            raise ChartError(f"{spec.key}: {exc}") from None
 
 
 def load_evaluator(settings: Settings, device: torch.device, network=None) -> Evaluator:
@@ -296,6 +316,7 @@ def run_chart_plan(settings: Settings, network=None) -> dict[str, Any]:
             if not os.path.isfile(point_path(settings, spec, step))]
     for spec in plan:  # every config resolves before any work starts
         run_config(settings, spec)
+    check_samples_decodable(settings, plan)
     env = {**environment(), "commit_dirty": tracked_changes()}
     if todo:
         evaluator = load_evaluator(settings, eval_device(), network)
@@ -325,12 +346,13 @@ def time_training_step(name: str, overrides: dict, batch: int, steps: int, warmu
                        device: torch.device) -> dict[str, Any]:
     """Median wall time of the training loop's own step (bench/step.py: forward, backward,
     optimizer, teacher momentum, sampling EMA) on synthetic data of the model's shape;
-    bf16 autocast and the kernels on CUDA."""
+    bf16 autocast and the kernels on CUDA, the defaults' choices on CPU (bench step's
+    "auto" path: measured precision, compiled)."""
     from bench.step import build_rig, time_steps
 
-    rig = build_rig(name, "kernels" if device.type == "cuda" else "eager", batch, device,
+    rig = build_rig(name, "kernels" if device.type == "cuda" else "auto", batch, device,
                     overrides=overrides)
-    times_ms, _ = time_steps(rig, warmup, steps)
+    times_ms, _, _ = time_steps(rig, warmup, steps)
     seconds = statistics.median(times_ms) / 1e3
     c = rig.net.config
     return {"model": name, "batch_per_device": batch, "steps_per_s": 1 / seconds,

@@ -10,7 +10,7 @@ teacher momentum and the sampling EMA, fed the loss inputs the loop's schedule g
 built by the loop's own set-up (`train.loop.set_up`, default config: optimizer, wrappers,
 compile, autocast), for one process, with the model built directly on the device.
 
-Paths, in one process (each on a fresh model with the same seed):
+Paths, in one process (each on a fresh model with the same seed). On CUDA:
 - `eager`: the plain-torch model with torch's optimizer (fused AdamW, foreach EMA updates);
 - `compile`: `torch.compile` of the plain-torch loss module (the strongest practical
   alternative), `dynamic=False`, torch's optimizer;
@@ -21,8 +21,15 @@ Paths, in one process (each on a fresh model with the same seed):
 - opt-in, one change at a time against `kernels`: `kernels+torch-optim` (torch's
   optimizer instead of the one-pass one) and `kernels+graphs` (`run.cuda_graphs`: the
   whole step captured once and replayed; CUDA only, torch's optimizer, as it requires).
-Compiled paths run last, so a time box that cuts a cold compile keeps the eager numbers.
-Each row says which optimizer ran and whether the step was a graph.
+On CPU (the default there), one change at a time from today's default to the fast path:
+- `fp32-eager`: fp32, no compilation (`run.precision="fp32"`, `run.compile="off"`);
+- `bf16-eager`: bf16 autocast, no compilation;
+- `bf16-compile`: bf16 autocast under torch.compile;
+- `auto`: what a long run's defaults choose on this machine (`run.precision="auto"`
+  measures a bf16 against an fp32 matmul, `run.compile="auto"` compiles a long CPU run).
+Compiled paths run last, so a time box that cuts a cold compile keeps the eager numbers;
+each row records its compile time apart from the timed steps. Each row says which
+optimizer ran, whether the step was a graph, and its compute dtype.
 
 Method: `--warmup` steps, then `--steps` timed steps. On CUDA each step is bracketed by CUDA
 events (no host sync inside the loop; one at the end), and images/s comes from the wall time
@@ -30,7 +37,8 @@ of the whole timed loop; on CPU, perf_counter per step. Reported: median step ti
 spread (p10, p90, min, max), steps/s, images/s, peak memory (CUDA: max allocated during the
 timed steps; CPU: the process's peak RSS), achieved TFLOP/s from the analytic FLOPs
 (`model.flops_per_image(net, train=True)`), MFU against the datasheet bf16 peak and against a
-large matmul in the step's compute dtype measured in the same run, and the share of the step
+large matmul in the row's own compute dtype measured in the same run (fp32 rows against the
+fp32 matmul, bf16 rows against the bf16 one), and the share of the step
 spent in attention, GEMMs, fused ops, optimizer and EMA from `--profile-steps` steps under
 torch.profiler (bench/_trace.py). The JSON is rewritten after every path.
 """
@@ -59,9 +67,10 @@ class PathSpec:
     run.fused_optimizer="auto" (the one-pass Triton optimizer on CUDA)."""
 
     use_kernels: bool
-    compiled: bool
+    compiled: bool | str  # True/False, or "auto" (what a long run decides)
     fused_optimizer: str = "off"
     cuda_graphs: bool = False
+    precision: str = "auto"  # run.precision: "auto" (bf16 on CUDA, measured on CPU)
 
 
 PATH_SPECS = {
@@ -72,9 +81,17 @@ PATH_SPECS = {
     # Opt-in variants, to measure one change at a time against "kernels":
     "kernels+torch-optim": PathSpec(True, False, "off"),  # without the one-pass optimizer
     "kernels+graphs": PathSpec(True, False, "off", cuda_graphs=True),  # CUDA only
+    # CPU: today's old default, then one change at a time, then what "auto" picks.
+    "fp32-eager": PathSpec(False, False, precision="fp32"),
+    "bf16-eager": PathSpec(False, False, precision="bf16"),
+    "bf16-compile": PathSpec(False, True, precision="bf16"),
+    "auto": PathSpec(False, "auto"),
 }
 PATHS = tuple(PATH_SPECS)
 DEFAULT_PATHS = ("eager", "compile", "kernels", "kernels+compile")
+CPU_DEFAULT_PATHS = ("fp32-eager", "bf16-eager", "bf16-compile", "auto")
+# A long run, for the "auto" path's compile decision.
+LONG_RUN_STEPS = 400_000
 # Dense bf16 tensor-core peaks from the datasheets (SXM parts), in TFLOP/s.
 DATASHEET_BF16_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0}
 
@@ -94,6 +111,7 @@ class Rig:
     device: torch.device
     kernels_backend: str
     schedule: Any  # train.schedule.Schedule, the loop's
+    execution: Any = None  # train.execution.ExecutionPlan: precision, compile, threads
 
     def values(self, i: int) -> Any:
         """Step i's train.schedule.StepValues: the loss inputs the loop's schedule gives at
@@ -136,7 +154,9 @@ def build_rig(name: str, path: str, batch: int, device: torch.device, seed: int 
     use_kernels, compiled = spec.use_kernels, spec.compiled
     cfg = Config()
     cfg.model.name, cfg.schedule.batch_size, cfg.run.seed = name, batch, seed
-    cfg.run.device, cfg.run.compile = device.type, compiled
+    cfg.run.device = device.type
+    cfg.run.compile = compiled if compiled == "auto" else ("on" if compiled else "off")
+    cfg.run.precision = spec.precision
     cfg.run.use_kernels = "on" if use_kernels else "off"
     cfg.run.fused_optimizer, cfg.run.cuda_graphs = spec.fused_optimizer, spec.cuda_graphs
     check_cuda_graphs(cfg, device, 1)
@@ -149,14 +169,15 @@ def build_rig(name: str, path: str, batch: int, device: torch.device, seed: int 
         net = model.build(name, use_kernels=use_kernels, **(overrides or {})).to(device)
     batches = batch_source(net, batch, device, seed)
     info = D.DistInfo(rank=0, world_size=1, local_rank=0, device=device)
-    session = set_up(cfg, info, net, batches, [])
+    session = set_up(cfg, info, net, batches, [], planned_steps=LONG_RUN_STEPS)
     session.logger.close()
     shutil.rmtree(cfg.run.dir, ignore_errors=True)
     x, y = next(iter(batches))
     backend = current_backend(x) if use_kernels else "none"
     if backend == "triton" and device.type == "cpu":
         backend = "triton (interpreter)"
-    return Rig(net, session.step_fn, x, y, device, backend, session.schedule)
+    return Rig(net, session.step_fn, x, y, device, backend, session.schedule,
+               session.execution)
 
 
 def batch_source(net: torch.nn.Module, batch: int, device: torch.device, seed: int,
@@ -177,9 +198,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(rig: Rig, warmup: int, steps: int) -> tuple[list[float], float]:
-    """(per-step milliseconds, wall seconds of the whole timed loop)."""
-    for i in range(warmup):
+def time_steps(rig: Rig, warmup: int, steps: int) -> tuple[list[float], float, float]:
+    """(per-step milliseconds, wall seconds of the whole timed loop, seconds of the first
+    step: a compiled path's compilation)."""
+    t0 = time.perf_counter()
+    rig.run(0)
+    _sync(rig.device)
+    first_s = time.perf_counter() - t0
+    for i in range(1, warmup):
         rig.run(i)
     _sync(rig.device)
     if rig.device.type == "cuda":
@@ -193,14 +219,14 @@ def time_steps(rig: Rig, warmup: int, steps: int) -> tuple[list[float], float]:
             end.record()
         _sync(rig.device)
         wall = time.perf_counter() - t0
-        return [s.elapsed_time(e) for s, e in marks], wall
+        return [s.elapsed_time(e) for s, e in marks], wall, first_s
     times = []
     t0 = time.perf_counter()
     for i in range(steps):
         t = time.perf_counter()
         rig.run(warmup + i)
         times.append((time.perf_counter() - t) * 1e3)
-    return times, time.perf_counter() - t0
+    return times, time.perf_counter() - t0, first_s
 
 
 def profile_shares(rig: Rig, steps: int, start: int) -> dict[str, Any]:
@@ -243,6 +269,21 @@ def measured_matmul_tflops(device: torch.device, dtype: torch.dtype, n: int,
     return 2 * n**3 / statistics.median(times) / 1e12
 
 
+def measured_peaks(device: torch.device, env: dict[str, Any]) -> dict[str, float | None]:
+    """The datasheet bf16 peak (CUDA) and a large matmul measured here in fp32 and bf16,
+    so each row's MFU is against the peak of its own compute dtype."""
+    cuda = device.type == "cuda"
+    n = 8192 if cuda else 2048
+    peaks: dict[str, float | None] = {
+        "datasheet": datasheet_peak(env.get("device", "")) if cuda else None,
+        "matmul_fp32": measured_matmul_tflops(device, torch.float32, n)}
+    try:
+        peaks["matmul_bf16"] = measured_matmul_tflops(device, torch.bfloat16, n)
+    except RuntimeError:  # no bf16 matmul on this device
+        peaks["matmul_bf16"] = None
+    return peaks
+
+
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
@@ -250,7 +291,7 @@ def _percentile(values: list[float], q: float) -> float:
 
 def summarise(name: str, path: str, batch: int, times_ms: list[float], wall_s: float,
               flops_img: float, peaks: dict[str, float | None]) -> dict[str, Any]:
-    """The per-path row: throughput, spread and MFU."""
+    """The per-path row: throughput, spread and MFU against each peak in `peaks`."""
     median = statistics.median(times_ms)
     images_per_s = batch * len(times_ms) / wall_s
     achieved = flops_img * images_per_s / 1e12
@@ -273,10 +314,15 @@ def bench_path(args: argparse.Namespace, path: str, device: torch.device,
                peaks: dict[str, float | None]) -> dict[str, Any]:
     import model
 
-    rig = build_rig(args.model, path, args.batch, device, args.seed)
-    times_ms, wall = time_steps(rig, args.warmup, args.steps)
+    overrides = {"patch_size": args.patch_size} if args.patch_size else None
+    rig = build_rig(args.model, path, args.batch, device, args.seed, overrides)
+    times_ms, wall, first_s = time_steps(rig, args.warmup, args.steps)
+    dtype = "bf16" if rig.execution.precision.name == "bf16" else "fp32"
+    own = {"datasheet": peaks["datasheet"], "measured_matmul": peaks[f"matmul_{dtype}"]}
     row = summarise(args.model, path, args.batch, times_ms, wall,
-                    model.flops_per_image(rig.net, train=True), peaks)
+                    model.flops_per_image(rig.net, train=True), own)
+    row.update({"compute_dtype": dtype, "compiled": rig.execution.compile.on,
+                "first_step_s": first_s, "execution": rig.execution.record()})
     if device.type == "cuda":
         row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     else:  # ru_maxrss is KiB on Linux: the whole process so far, not this path alone
@@ -329,10 +375,13 @@ def add_step_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="preset (default: SD-DiT-XL/2 on CUDA, SD-DiT-tiny on CPU)")
     p.add_argument("--batch", type=int, default=None, help="default: 32 on CUDA, 8 on CPU")
+    p.add_argument("--patch-size", type=int, default=None,
+                   help="override the preset's patch size (the CPU demo trains at 4)")
     p.add_argument("--paths", default=None,
                    help=f"comma list of {', '.join(PATHS)} (default: "
-                   f"{','.join(DEFAULT_PATHS)} on CUDA; eager,compile on CPU, where the "
-                   "kernels fall back to their references; kernels+graphs needs CUDA)")
+                   f"{','.join(DEFAULT_PATHS)} on CUDA; {','.join(CPU_DEFAULT_PATHS)} on "
+                   "CPU, where the kernels fall back to their references; kernels+graphs "
+                   "needs CUDA)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 50 CUDA, 20 CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 10/3)")
     p.add_argument("--profile-steps", type=int, default=3,
@@ -356,7 +405,7 @@ def _resolve(args: argparse.Namespace) -> tuple[torch.device, list[str]]:
     args.batch = args.batch or (32 if cuda else 8)
     args.steps = args.steps or (50 if cuda else 20)
     args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 3)
-    default = ",".join(DEFAULT_PATHS) if cuda else "eager,compile"
+    default = ",".join(DEFAULT_PATHS if cuda else CPU_DEFAULT_PATHS)
     paths = [p for p in (args.paths or default).split(",") if p]
     unknown = [p for p in paths if p not in PATHS]
     if unknown or not paths:
@@ -366,6 +415,8 @@ def _resolve(args: argparse.Namespace) -> tuple[torch.device, list[str]]:
     for key in ("batch", "steps"):
         if getattr(args, key) < 1:
             raise ValueError(f"--{key} must be >= 1, got {getattr(args, key)}")
+    if args.patch_size is not None and args.patch_size < 1:
+        raise ValueError(f"--patch-size must be >= 1, got {args.patch_size}")
     if args.warmup < 0 or args.profile_steps < 0:
         raise ValueError("--warmup and --profile-steps must be >= 0")
     if not cuda and not args.model.endswith("-tiny"):
@@ -373,8 +424,13 @@ def _resolve(args: argparse.Namespace) -> tuple[torch.device, list[str]]:
                          "XL step takes minutes there); use a GPU for the full presets")
     import model
 
-    model.make_config(args.model)  # an unknown preset fails here, before any work
-    return device, sorted(paths, key=lambda p: ("compile" in p, PATHS.index(p)))
+    overrides = {"patch_size": args.patch_size} if args.patch_size else {}
+    model.make_config(args.model, **overrides)  # a bad preset or patch fails here, first
+    return device, sorted(paths, key=lambda p: (_compiles(p), PATHS.index(p)))
+
+
+def _compiles(path: str) -> bool:
+    return PATH_SPECS[path].compiled is not False
 
 
 def _print_row(row: dict[str, Any], label: str) -> None:
@@ -383,11 +439,13 @@ def _print_row(row: dict[str, Any], label: str) -> None:
         return
     mfu = row.get("mfu_datasheet") or row.get("mfu_measured_matmul")
     mem = row.get("peak_memory_gib", row.get("peak_rss_gib_process"))
+    against = "datasheet" if row.get("mfu_datasheet") else f"{row['compute_dtype']} matmul"
     print(f"  {label} {row['path']:<16}{row['median_step_ms']:9.2f} ms "
           f"(p10 {row['p10_step_ms']:.2f}, p90 {row['p90_step_ms']:.2f}) "
           f"{row['steps_per_s']:7.2f} steps/s {row['images_per_s']:9.1f} img/s "
           f"{row['achieved_tflops']:8.3f} TFLOP/s"
-          + (f"  MFU {100 * mfu:.1f}%" if mfu else "") + f"  mem {mem:.2f} GiB", flush=True)
+          + (f"  MFU {100 * mfu:.1f}% of {against}" if mfu else "")
+          + f"  mem {mem:.2f} GiB  first step {row['first_step_s']:.1f} s", flush=True)
     if "profile" in row:
         shares = "  ".join(f"{k} {100 * v:.0f}%" for k, v in row["profile"]["shares"].items())
         print(f"      time shares: {shares}", flush=True)
@@ -414,19 +472,21 @@ def run_step(args: argparse.Namespace) -> int:
     cuda = device.type == "cuda"
     env = environment()
     label = env.get("device", "GPU") if cuda else "CPU"
-    dtype = torch.bfloat16 if cuda else torch.float32
     methods = method_table(args.model)
     _print_methods(methods)
-    peaks = {"datasheet": datasheet_peak(env.get("device", "")) if cuda else None,
-             "measured_matmul": measured_matmul_tflops(device, dtype, 8192 if cuda else 1024)}
+    peaks = measured_peaks(device, env)
     payload: dict[str, Any] = {
         "env": env, "label": label if cuda else "CPU (tiny preset; not GPU numbers)",
-        "model": args.model, "batch": args.batch, "paths": paths,
-        "datasheet_bf16_tflops": peaks["datasheet"],
-        "measured_matmul_tflops": peaks["measured_matmul"], "matmul_dtype": str(dtype),
+        "model": args.model, "batch": args.batch, "patch_size": args.patch_size,
+        "paths": paths, "datasheet_bf16_tflops": peaks["datasheet"],
+        "measured_matmul_tflops": peaks["matmul_bf16" if cuda else "matmul_fp32"],
+        "matmul_dtype": "torch.bfloat16" if cuda else "torch.float32",
+        "measured_matmul_tflops_by_dtype": {"fp32": peaks["matmul_fp32"],
+                                            "bf16": peaks["matmul_bf16"]},
         "methods": methods, "results": [], "status": "running"}
-    print(f"{label}: {args.model} batch {args.batch}, {args.warmup} warm-up + {args.steps} "
-          f"timed steps per path; matmul {peaks['measured_matmul']:.2f} TFLOP/s ({dtype})")
+    print(f"{label}: {args.model} batch {args.batch}, 1 + {max(args.warmup - 1, 0)} warm-up "
+          f"+ {args.steps} timed steps per path; matmul fp32 {peaks['matmul_fp32']:.3f}, "
+          f"bf16 {peaks['matmul_bf16'] or float('nan'):.3f} TFLOP/s")
     write_json(args.out, payload)
     for path in tqdm(paths, desc="bench step", unit="path", disable=None):
         try:

@@ -32,6 +32,8 @@ from metrics.statistics import (
 from train.data.images import samples_to_uint8
 
 Sampler = Callable[..., torch.Tensor]
+# A latent run's VAE decode (train.data.vae.LatentDecoder): samples -> pixels in [-1, 1].
+Decode = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _rank_world() -> tuple[int, int]:
@@ -121,8 +123,10 @@ def evaluate_net(
     fid_method: str = "sqrtm",
     keep_images: int = 0,
     sampler: Sampler | None = None,
+    decode: Decode | None = None,
 ) -> dict:
     """Generate `num_samples` images with the EDM sampler and score them against `reference`.
+    `decode` turns a latent run's samples into images (on each rank, batch by batch).
 
     Returns a dict with fid, inception_score (None: the default network has no logits),
     precision, recall, num_samples, sampler settings, network and reference provenance,
@@ -140,7 +144,8 @@ def evaluate_net(
     seconds = {"reference": time.perf_counter() - started}
     started = time.perf_counter()
     run = _sample_features(net, network, sampler or _default_sampler(), num_samples,
-                           batch_size, seed_offset, num_steps, cfg_scale, keep_images, progress)
+                           batch_size, seed_offset, num_steps, cfg_scale, keep_images, progress,
+                           decode)
     seconds["sample_and_features"] = time.perf_counter() - started
     result: dict | None = None
     if rank == 0:
@@ -153,6 +158,7 @@ def evaluate_net(
             "sampler": _sampler_record(num_steps, cfg_scale, seed_offset, num_samples,
                                        int(net.config.num_classes)),
             "network": network.describe(), "reference": ref.provenance,
+            "decoder": getattr(decode, "describe", lambda: None)(),
             "world_size": world, "seconds": seconds})
     if world > 1:
         box = [result]
@@ -173,7 +179,8 @@ class _SampledFeatures:
 
 def _sample_features(net: nn.Module, network: InceptionNetwork, sample_fn: Sampler,
                      num_samples: int, batch_size: int, seed_offset: int, num_steps: int,
-                     cfg_scale: float, keep_images: int, progress: bool) -> _SampledFeatures:
+                     cfg_scale: float, keep_images: int, progress: bool,
+                     decode: Decode | None = None) -> _SampledFeatures:
     """This rank's share of the samples (sample i: seed seed_offset + i, class i % classes)
     through the network, batch by batch, then gathered from every rank."""
     rank, world = _rank_world()
@@ -191,7 +198,7 @@ def _sample_features(net: nn.Module, network: InceptionNetwork, sample_fn: Sampl
         labels = torch.as_tensor(chunk % num_classes, dtype=torch.long, device=device)
         samples = sample_fn(net, labels, seeds, num_steps=num_steps, cfg_scale=cfg_scale,
                             progress=False)  # [B, C, H, W] in ~[-1, 1]
-        images = samples_to_uint8(samples)
+        images = samples_to_uint8(samples if decode is None else decode(samples))
         if len(kept) * batch_size < keep_images:
             kept.append(images.cpu())
         feats, batch_logits = network.features(images)

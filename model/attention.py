@@ -4,18 +4,25 @@ Preference order, by what is importable and by the tensors at hand:
 1. flash-attn `flash_attn_func`            q, k, v as [B, T, H, Dh]; CUDA, fp16/bf16
 2. xformers `memory_efficient_attention`   q, k, v as [B, T, H, Dh]; CUDA, fp16/bf16
 3. torch SDPA                              q, k, v as [B, H, T, Dh]; flash/cuDNN first on CUDA
-4. math                                    explicit softmax(q k^T / sqrt(Dh)) v, fp32 softmax
+4. math                                    plain softmax(q k^T / sqrt(Dh)) v, fp32 softmax
 Attention runs only over the tokens it is given (the kept tokens in masked training), so
 every sample has the same length and no varlen path is needed.
 
-`attention="auto"` on CUDA is measured, not assumed: the first eager call at each shape
-(B, T, H, Dh, dtype, grad or not) times forward (+ backward when q needs a grad) of every
-candidate that supports it: flash-attn and xformers when importable, and SDPA pinned to
-each of its flash, cuDNN and memory-efficient kernels (for head dim 72 flash pads to 96,
-and on H100 cuDNN is often faster). The fastest is cached per shape and used from then on;
-`attention_choices()` reports every decision with its timings. Where timing cannot run
-(CPU, torch.compile tracing, CUDA-graph capture) a cached choice is still used, else the
-static order above.
+`attention="auto"` is measured, not assumed, per shape (B, T, H, Dh, dtype, and whether
+a backward follows): forward plus backward when q needs a grad, forward alone otherwise
+(sampling may choose differently from training). The fastest candidate is cached per
+shape for the process; `attention_choices()` reports every decision with its timings.
+- CUDA: flash-attn and xformers when importable, and SDPA pinned to each of its flash,
+  cuDNN and memory-efficient kernels (for head dim 72 flash pads to 96, and on H100 cuDNN
+  is often faster). Timed with CUDA events at the first eager call; where timing cannot
+  run (torch.compile tracing, CUDA-graph capture) a cached choice is used, else the
+  static order above.
+- CPU: torch SDPA as dispatched (its CPU flash kernel), SDPA pinned to its math kernel,
+  and the plain math path, timed with the wall clock. The bf16 CPU flash backward can be
+  several times slower than the math paths, so forward and backward are timed together.
+  Under torch.compile the measurement runs once at trace time on fresh tensors of the
+  traced shape (`_traced_cpu_choice`), so a compiled step also gets a measured backend
+  and no graph break.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -31,6 +39,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 log = logging.getLogger(__name__)
 
@@ -128,10 +137,13 @@ def _sdpa_pinned(kernel: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Ten
 
 
 def _math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    # Batched matmuls over [B, H, T, Dh] views: BLAS takes the transposes as they are, so
+    # no operand is copied to a contiguous layout first (einsum's bmm did, on CPU).
     scale = 1.0 / math.sqrt(q.shape[-1])
-    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale  # [B, H, T, T]
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, Dh]
+    scores = (q @ k.transpose(-2, -1)).float() * scale  # [B, H, T, T]
     probs = scores.softmax(dim=-1).to(v.dtype)
-    return torch.einsum("bhqk,bkhd->bqhd", probs, v)  # [B, T, H, Dh]
+    return (probs @ v).transpose(1, 2)  # [B, T, H, Dh]
 
 
 BACKENDS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
@@ -143,8 +155,14 @@ BACKENDS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.T
     "sdpa_flash": _sdpa_pinned("FLASH_ATTENTION"),
     "sdpa_cudnn": _sdpa_pinned("CUDNN_ATTENTION"),
     "sdpa_efficient": _sdpa_pinned("EFFICIENT_ATTENTION"),
+    "sdpa_math": _sdpa_pinned("MATH"),  # a timed candidate on CPU
 }
 SDPA_PINNED = ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient")
+# What "auto" times on CPU: SDPA as dispatched (its CPU flash kernel), SDPA's math kernel
+# and the plain math path.
+CPU_CANDIDATES = ("sdpa", "sdpa_math", "math")
+
+
 class ShapeKey(NamedTuple):
     """What one "auto" decision is cached under."""
 
@@ -181,12 +199,29 @@ def cuda_timer(fn: Callable[[], object], warmup: int = 2, reps: int = 5) -> floa
     return sorted(times)[len(times) // 2]
 
 
+def wall_timer(fn: Callable[[], object], warmup: int = 1, reps: int = 3) -> float:
+    """Median wall-clock milliseconds of fn() (CPU: every op has finished on return)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - start))
+    return sorted(times)[len(times) // 2]
+
+
+def _default_timer(fn: Callable[[], object], device_type: str) -> float:
+    return cuda_timer(fn) if device_type == "cuda" else wall_timer(fn)
+
+
 class BackendChooser:
-    """Picks the fastest candidate per shape by timing each once; `timer(fn) -> ms` is
-    injectable (tests), the default uses CUDA events."""
+    """Picks the fastest candidate per shape by timing each once on fresh tensors of that
+    shape; `timer(fn) -> ms` is injectable (tests), the default uses CUDA events on CUDA and
+    the wall clock on CPU."""
 
     def __init__(self, timer: Callable[[Callable[[], object]], float] | None = None) -> None:
-        self.timer = timer or cuda_timer
+        self.timer = timer
         self.choices: dict[ShapeKey, Choice] = {}
 
     @staticmethod
@@ -200,10 +235,14 @@ class BackendChooser:
 
     def choose(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                candidates: list[str]) -> str:
-        key = self.key(q)
+        return self.choose_for(self.key(q), q.dtype, q.device, candidates)
+
+    def choose_for(self, key: ShapeKey, dtype: torch.dtype, device: torch.device,
+                   candidates: list[str]) -> str:
+        """The decision for `key`, timing every candidate the first time it is asked."""
         if key in self.choices:
             return self.choices[key].backend
-        timings = {name: self._time(name, q, k, v) for name in candidates}
+        timings = {name: self._time(name, key, dtype, device) for name in candidates}
         best = min(candidates, key=lambda name: timings[name])
         if math.isinf(timings[best]):
             raise RuntimeError(f"no attention backend ran at shape {key}: {candidates}")
@@ -212,11 +251,16 @@ class BackendChooser:
                  ", ".join(f"{n}={t:.3f}" for n, t in timings.items()))
         return best
 
-    def _time(self, name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> float:
-        """Forward, plus backward when q needs a grad, on detached copies of q, k, v."""
-        fn = BACKENDS[name]
-        grad = q.requires_grad
-        q, k, v = (t.detach().clone().requires_grad_(grad) for t in (q, k, v))
+    def _time(self, name: str, key: ShapeKey, dtype: torch.dtype, device: torch.device
+              ) -> float:
+        """Forward, plus backward when the key says a grad follows, on fresh tensors."""
+        fn, grad = BACKENDS[name], key.with_backward
+        # A generator of its own: measuring must not move the global RNG (a resumed run
+        # measures at another step than the uninterrupted one, and must draw the same).
+        gen = torch.Generator(device).manual_seed(0)
+        shape = (key.batch, key.tokens, key.heads, key.head_dim)
+        q, k, v = (torch.randn(shape, generator=gen, device=device).to(dtype)
+                   .requires_grad_(grad) for _ in range(3))
 
         def step() -> None:
             with torch.enable_grad():
@@ -225,9 +269,11 @@ class BackendChooser:
                     out.backward(torch.ones_like(out))
 
         try:
-            return float(self.timer(step))
+            if self.timer is not None:
+                return float(self.timer(step))
+            return float(_default_timer(step, device.type))
         except RuntimeError as exc:  # this kernel does not support the shape/dtype/device
-            log.info("attention auto: %s unavailable at %s: %s", name, self.key(q), exc)
+            log.info("attention auto: %s unavailable at %s: %s", name, key, exc)
             return math.inf
 
 
@@ -239,9 +285,15 @@ def attention_choices() -> list[Choice]:
     return list(_CHOOSER.choices.values())
 
 
-def auto_candidates(q: torch.Tensor, available: tuple[str, ...]) -> list[str]:
-    """What "auto" times for q: the importable backends that support it, with SDPA split
-    into its pinned kernels (math is never the fastest on CUDA and is left out)."""
+def auto_candidates(q: torch.Tensor, available: tuple[str, ...], cuda: bool | None = None
+                    ) -> list[str]:
+    """What "auto" times for q (on q's device unless `cuda` says). CUDA: the importable
+    backends that support q, with SDPA split into its pinned kernels (math is never the
+    fastest there and is left out). CPU: SDPA as dispatched, SDPA's math kernel and the
+    plain math path."""
+    if not (q.is_cuda if cuda is None else cuda):
+        return [name for name in CPU_CANDIDATES if name in BACKENDS
+                and (name == "sdpa_math" or name in available)]
     names = []
     for name in available:
         if name == "sdpa":
@@ -252,15 +304,33 @@ def auto_candidates(q: torch.Tensor, available: tuple[str, ...]) -> list[str]:
 
 
 def _can_time(q: torch.Tensor) -> bool:
-    return (q.is_cuda and not torch.compiler.is_compiling()
-            and not torch.cuda.is_current_stream_capturing())
+    """Eager calls on CUDA (outside a graph capture) and on CPU."""
+    if torch.compiler.is_compiling():
+        return False
+    return not q.is_cuda or not torch.cuda.is_current_stream_capturing()
+
+
+@torch._dynamo.assume_constant_result
+def _traced_cpu_choice(batch: int, tokens: int, heads: int, head_dim: int,
+                       dtype: torch.dtype, with_backward: bool,
+                       available: tuple[str, ...]) -> str:
+    """The CPU decision for a shape met while torch.compile traces: dynamo runs this for
+    real, once, with the traced shape's numbers, and bakes the answer into the graph as a
+    constant, so the compiled step gets a measured backend without a graph break."""
+    key = ShapeKey(batch, tokens, heads, head_dim, str(dtype), "cpu", with_backward)
+    probe = torch.empty(0, dtype=dtype)
+    candidates = auto_candidates(probe, available)
+    return _CHOOSER.choose_for(key, dtype, torch.device("cpu"), candidates)
 
 
 def choose_auto(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 available: tuple[str, ...], chooser: BackendChooser | None = None,
                 can_time: bool | None = None) -> str:
-    """The backend "auto" runs q on: measured once per shape where timing can run, the
-    cached measurement elsewhere, else the static preference order."""
+    """The backend "auto" runs q on: measured once per shape where timing can run (and on
+    CPU under torch.compile, at trace time), the cached measurement elsewhere, else the
+    static preference order."""
+    if chooser is None and not q.is_cuda and torch.compiler.is_compiling():
+        return _traced_cpu_choice(*q.shape, q.dtype, q.requires_grad, available)
     chooser = chooser or _CHOOSER
     cached = chooser.cached(q)
     if cached is not None:
@@ -277,9 +347,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
         chosen = choose_auto(q, k, v, available or _importable_backends())
     else:
         chosen = resolve_backend(backend, q, available)
-    if not torch.compiler.is_compiling():  # log once per choice, outside traced code
-        _log_choice(chosen, q.device.type, q.dtype)
-    return BACKENDS[chosen](q, k, v), chosen
+    if torch.compiler.is_compiling():
+        return BACKENDS[chosen](q, k, v), chosen
+    _log_choice(chosen, q.device.type, q.dtype)  # once per choice, outside traced code
+    # A named range, so profiles count the plain math path (matmuls and a softmax) as
+    # attention too, not as GEMMs and elementwise work.
+    with record_function(f"attention:{chosen}"):
+        return BACKENDS[chosen](q, k, v), chosen
 
 
 class Attention(nn.Module):

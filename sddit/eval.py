@@ -65,7 +65,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "of the features (exact, fast for a few thousand samples)",
     )
     parser.add_argument("--no-pr", action="store_true", help="skip precision/recall")
+    parser.add_argument(
+        "--vae",
+        default=None,
+        help="--ckpt of a latent run: the AutoencoderKL folder that decodes its samples "
+        "(default: the one the run recorded; for a run moved to another machine)",
+    )
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    from train.execution import add_sampling_arguments
+
+    add_sampling_arguments(parser)
     parser.add_argument("--out", default=None, help="write the JSON record here (+ a .png grid)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -128,6 +137,9 @@ def _check_args(args: argparse.Namespace) -> None:
     if source is not None and not os.path.exists(source):
         flag = "--samples" if args.samples is not None else "--ckpt"
         raise UsageError(f"{flag} {source}: no such file or folder")
+    if args.vae is not None and (args.samples is not None or not os.path.isdir(args.vae)):
+        raise UsageError(f"--vae {args.vae}: expected the folder of a saved diffusers "
+                         "AutoencoderKL, with --ckpt (samples given with --samples are images)")
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -177,14 +189,18 @@ def _score_checkpoint(args: argparse.Namespace, device: torch.device, rank: int)
     also writes a grid of the first 64 samples beside the record."""
     from metrics.evaluate import evaluate_net
     from train.checkpoint import load_sampling_model
+    from train.execution import accelerated_denoiser
+    from train.sample import checkpoint_decoder
 
     net, meta = load_sampling_model(args.ckpt, device)
+    decode = checkpoint_decoder(meta, args.vae, device)  # before sampling: latents need it
+    net = accelerated_denoiser(net, args.precision, args.compile, args.num)
     metrics = evaluate_net(net, args.num, args.ref, cfg_scale=args.cfg_scale,
                            num_steps=args.steps, batch_size=args.batch_size,
                            seed_offset=args.seed_offset, progress=not args.no_progress,
                            network_path=args.network, cache_dir=args.cache_dir,
                            compute_pr=not args.no_pr, fid_method=args.fid_method,
-                           keep_images=64 if args.out else 0)
+                           keep_images=64 if args.out else 0, decode=decode)
     images = metrics.pop("images", None)
     record = {"checkpoint": str(meta.get("path", args.ckpt)), "step": meta.get("step"),
               **metrics}

@@ -22,7 +22,15 @@ from train.data import (
     noise_generator,
     sample_latents,
 )
-from train.data.latents import add_prepare_latents_parser, load_vae_encoder, prepare_latents
+from train.data.latents import (
+    add_prepare_latents_parser,
+    index_vae_folder,
+    load_vae_encoder,
+    prepare_latents,
+    run_vae_spec,
+)
+from train.data.vae import VaeSpec, VaeUnavailableError
+from train.logging_utils import to_uint8_images
 
 RESOLUTION = 16
 
@@ -152,6 +160,7 @@ def test_clear_errors(tmp_path, monkeypatch, capsys):
         prepare_latents(root, out, vae_path=str(tmp_path / "no_vae_here"))
     vae_dir = tmp_path / "vae"
     vae_dir.mkdir()
+    (vae_dir / "config.json").write_text("{}")
     monkeypatch.setitem(sys.modules, "diffusers", None)  # as if diffusers were not installed
     with pytest.raises(ImportError, match="pip install diffusers"):
         load_vae_encoder(str(vae_dir))
@@ -170,3 +179,42 @@ def test_clear_errors(tmp_path, monkeypatch, capsys):
                               "--resolution", "16", "--num-workers", "0"])
     assert args.func(args) == 2
     assert "vae_path" in (err := capsys.readouterr().err) and "nope" in err
+
+
+def test_which_vae_decodes_a_run(shards, tmp_path):
+    _, out = shards  # encoded by PoolEncoder: the index names no VAE folder
+    assert run_vae_spec({"source": "animal-mnist"}) is None  # pixels need no decode
+    with pytest.raises(VaeUnavailableError, match="'PoolEncoder', not a VAE folder.*--vae PATH"):
+        run_vae_spec({"source": "latents", "path": out})
+    vae = tmp_path / "vae"
+    vae.mkdir()
+    assert run_vae_spec({"source": "latents", "path": out}, override=str(vae)) == VaeSpec(
+        str(vae), 0.5)  # the scale from the index
+    moved = {"source": "latents", "path": str(tmp_path / "elsewhere"), "vae": str(vae)}
+    assert run_vae_spec(moved, recorded={"vae": "/gone", "scale": 0.25},
+                        override=str(vae)) == VaeSpec(str(vae), 0.25)
+    with pytest.raises(VaeUnavailableError, match="'/gone' \\(recorded in the checkpoint\\)"):
+        run_vae_spec(moved, recorded={"vae": "/gone", "scale": 0.25})
+    with pytest.raises(VaeUnavailableError, match="scale of this run is unknown"):
+        run_vae_spec(moved)  # no record, no index, no data.latent_scale
+    assert index_vae_folder({"vae_path": "/a/vae"}) == "/a/vae"
+    assert index_vae_folder({"provenance": {"encoder": "diffusers.AutoencoderKL:/b/vae"}}) == (
+        "/b/vae")  # indexes written before vae_path was recorded
+    with pytest.raises(ValueError, match="data.vae"):
+        DataConfig(source="latents", path=out, vae=3).validate()
+
+
+def test_latents_are_never_written_as_images():
+    assert to_uint8_images(torch.zeros(2, 3, 4, 4)).shape == (2, 4, 4, 3)
+    with pytest.raises(ValueError, match="decoded by its VAE"):
+        to_uint8_images(torch.zeros(2, 4, 4, 4))
+
+
+def test_vae_is_refused_for_a_pixel_run(tmp_path):
+    from train.config import UsageError
+    from train.sample import checkpoint_decoder
+
+    pixels = {"config": {"data": {"source": "animal-mnist"}}, "latents": None}
+    assert checkpoint_decoder(pixels, None, torch.device("cpu")) is None
+    with pytest.raises(UsageError, match="--vae .* for latent runs"):
+        checkpoint_decoder(pixels, str(tmp_path), torch.device("cpu"))

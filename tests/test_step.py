@@ -111,11 +111,16 @@ def test_plugs_into_a_command_line_and_the_group_takes_new_entries(monkeypatch) 
 
 def test_attention_auto_decisions_are_reported_with_every_candidates_time(report: dict,
                                                                          monkeypatch) -> None:
-    """On CPU nothing is timed (the list is empty); a CUDA decision is converted with each
-    candidate's time and a failed candidate (inf) as null, so the JSON stays valid."""
+    """The CPU step's decisions are listed with each CPU candidate's time; a CUDA decision
+    is converted with each candidate's time and a failed candidate (inf) as null, so the
+    JSON stays valid."""
     from model import attention
 
-    assert report["attention_choices"] == []
+    cpu = report["attention_choices"]
+    assert cpu and {c["with_backward"] for c in cpu} >= {True}
+    for choice in cpu:
+        assert set(choice["timings_ms"]) == {"sdpa", "sdpa_math", "math"}
+        assert choice["backend"] == min(choice["timings_ms"], key=choice["timings_ms"].get)
     chooser = attention.BackendChooser(timer=lambda fn: 0.0)
     key = attention.ShapeKey(32, 205, 16, 72, "torch.bfloat16", "cuda:0", True)
     chooser.choices[key] = attention.Choice(key, "sdpa_cudnn", {

@@ -54,8 +54,9 @@ def _assert_states_equal(a: dict, b: dict, where: str = "") -> None:
             assert va == vb, f"{where}.{key}: {va} != {vb}"
 
 
-def test_resume_continues_bit_exactly(tmp_path) -> None:
-    sets = ("schedule.total_steps=8", "schedule.ckpt_every=4")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resume_continues_bit_exactly(tmp_path, precision: str) -> None:
+    sets = ("schedule.total_steps=8", "schedule.ckpt_every=4", f"run.precision='{precision}'")
     full = train(tiny_config(tmp_path / "full", *sets), batches=small_batches())
     half = train(tiny_config(tmp_path / "split", *sets), batches=small_batches(), stop_after=4)
     assert (full.step, half.step, half.stopped_by) == (8, 4, "stop_after")
@@ -94,8 +95,10 @@ class NaNAt:
             yield x, y
 
 
-def test_nonfinite_loss_skips_the_step_and_is_logged(tmp_path) -> None:
-    result = train(tiny_config(tmp_path, "schedule.total_steps=4"),
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_nonfinite_loss_skips_the_step_and_is_logged(tmp_path, precision: str) -> None:
+    result = train(tiny_config(tmp_path, "schedule.total_steps=4",
+                               f"run.precision='{precision}'"),
                    batches=NaNAt(small_batches(), bad={1}))
     assert result.step == 4 and result.skipped_steps == 1
     records = read_jsonl(str(result.metrics))
@@ -157,8 +160,9 @@ def test_activation_checkpointing_gives_the_same_training(tmp_path) -> None:
 def test_fused_optimizer_trains_like_the_three_torch_updates(tmp_path) -> None:
     """run.fused_optimizer='on' (one Triton pass: AdamW, teacher momentum, sampling EMA,
     through the interpreter here) lands where the torch optimizer + lerps do, skips a
-    non-finite step on the device, and resumes."""
-    sets = ("schedule.total_steps=4", "optim.weight_decay=0.01")
+    non-finite step on the device, and resumes. In fp32: under bf16 autocast the fused
+    pass also keeps the teacher's bf16 shadow, which the torch path does not have."""
+    sets = ("schedule.total_steps=4", "optim.weight_decay=0.01", "run.precision='fp32'")
     torch_run = train(tiny_config(tmp_path / "torch", *sets, "run.fused_optimizer='off'"),
                       batches=NaNAt(small_batches(), bad={2}))
     fused_run = train(tiny_config(tmp_path / "fused", *sets, "run.fused_optimizer='on'"),
@@ -172,6 +176,7 @@ def test_fused_optimizer_trains_like_the_three_torch_updates(tmp_path) -> None:
                                            msg=f"{part}.{key}")
     assert a["model"]["method.center"].ne(0).any()  # the teacher's centre moved, and agrees
     more = train(tiny_config(tmp_path / "fused", "schedule.total_steps=5",
-                             "optim.weight_decay=0.01", "run.fused_optimizer='on'"),
+                             "optim.weight_decay=0.01", "run.fused_optimizer='on'",
+                             "run.precision='fp32'"),
                  batches=small_batches(), resume=True)
     assert more.step == 5

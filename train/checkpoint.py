@@ -276,7 +276,7 @@ def build_net(build: dict[str, Any], device: torch.device) -> nn.Module:
 
 def load_sampling_model(path: str, device: torch.device | str) -> tuple[nn.Module, dict]:
     """The sampling-EMA network of a checkpoint (file, or run folder: its newest) in eval
-    mode on `device`, and metadata with 'step', 'config', 'images_seen', 'path'."""
+    mode on `device`, and metadata with 'step', 'config', 'images_seen', 'path', 'latents'."""
     device = torch.device(device)
     resolved = latest_checkpoint(path)
     if resolved is None:
@@ -291,5 +291,6 @@ def load_sampling_model(path: str, device: torch.device | str) -> tuple[nn.Modul
         "images_seen": state.get("images_seen", 0),
         "path": resolved,
         "model_build": state["model_build"],
+        "latents": state.get("latents"),  # a latent run's VAE folder and scale (train/loop.py)
     }
     return net, meta

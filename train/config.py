@@ -77,8 +77,13 @@ class RunConfig:
     dir: str = "runs/default"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
-    compile: bool = False
+    # auto: bf16 autocast on CUDA; on CPU bf16 where a bf16 matmul measures >= 1.5x fp32
+    # (bf16 matrix units), else fp32 (train/execution.py)
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    # auto: on CPU, torch.compile when the run is long enough to repay it (>= 400 steps);
+    # CUDA stays eager unless "on". true/false are read as "on"/"off".
+    compile: Literal["auto", "on", "off"] | bool = "auto"
+    threads: int = 0  # CPU intra-op threads; 0: the default, or fewer if measured faster
     activation_checkpointing: bool = False
     use_kernels: Literal["auto", "on", "off"] = "auto"  # auto: Triton on CUDA only
     # One multi-tensor pass for AdamW, the teacher momentum and the sampling EMA
@@ -243,8 +248,22 @@ def _build(cls: type, table: Any, where: str) -> Any:
     return cls(**kwargs)
 
 
+def compile_mode(value: Any) -> str:
+    """run.compile as "auto" | "on" | "off" (true/false, as older configs wrote it, are
+    "on"/"off")."""
+    if value is True:
+        return "on"
+    if value is False:
+        return "off"
+    if value in ("auto", "on", "off"):
+        return value
+    raise ConfigError(f"run.compile must be 'auto', 'on' or 'off' (or true/false), got "
+                      f"{value!r}")
+
+
 def from_dict(table: dict[str, Any]) -> Config:
     cfg = _build(Config, table, "")
+    cfg.run.compile = compile_mode(cfg.run.compile)
     validate(cfg)
     return cfg
 
@@ -288,6 +307,7 @@ def _check_ranges(cfg: Config) -> None:
         "schedule.max_minutes": s.max_minutes, "optim.warmup_steps": o.warmup_steps,
         "optim.grad_clip": o.grad_clip, "optim.weight_decay": o.weight_decay,
         "ema.rampup_ratio": e.rampup_ratio, "run.seed": cfg.run.seed,
+        "run.threads": cfg.run.threads,
     }.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from model import LossInputs
-from train.config import Config, ConfigError
+from train.config import Config, ConfigError, compile_mode
 from train.schedule import StepValues
 from train.step import TrainStep
 
@@ -43,8 +43,8 @@ def check_cuda_graphs(cfg: Config, device: torch.device, world_size: int) -> Non
         problems.append("it needs a CUDA device")
     if world_size > 1:
         problems.append("it runs on one GPU (no collectives are captured)")
-    if cfg.run.compile:
-        problems.append("run.compile must be false")
+    if compile_mode(cfg.run.compile) == "on":
+        problems.append("run.compile must be off")
     if cfg.run.fused_optimizer == "on":
         problems.append("run.fused_optimizer must be 'auto' or 'off' (its scalars are "
                         "baked into each launch)")

@@ -122,15 +122,15 @@ def _physical_index(index: int) -> int:
 
 
 def to_uint8_images(images: torch.Tensor) -> np.ndarray:
-    """float [N, C, H, W] in [-1, 1] -> uint8 [N, H, W, C'] with C' = 1 or 3 (latents with
-    C > 3 show their first three channels, each image normalised for viewing)."""
+    """float [N, C, H, W] in [-1, 1] -> uint8 [N, H, W, C'] with C' = 1 or 3 (C = 2 shows its
+    first channel). More than 3 channels are latents, which are never written as images:
+    decode them with the run's VAE first (train.data.vae)."""
     x = images.detach().float().cpu()
     if x.shape[1] > 3:
-        x = x[:, :3]
-        lo = x.amin(dim=(1, 2, 3), keepdim=True)
-        hi = x.amax(dim=(1, 2, 3), keepdim=True)
-        x = (x - lo) / (hi - lo).clamp_min(1e-8) * 2 - 1
-    elif x.shape[1] == 2:
+        raise ValueError(f"images must have 1 to 3 channels, got {tuple(x.shape)}: samples of "
+                         "a latent run must be decoded by its VAE (train.data.vae."
+                         "LatentDecoder) before they are saved as images")
+    if x.shape[1] == 2:
         x = x[:, :1]
     # The same quantisation FID applies, so a saved .npz scores like the samples did.
     from train.data.images import samples_to_uint8

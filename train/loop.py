@@ -26,7 +26,6 @@ checkpoint is saved, and TrainingInterrupted is raised (the CLI exits 128 + sign
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import os
 import random
@@ -42,6 +41,13 @@ from train import checkpoint as ckpt
 from train import distributed as D
 from train.config import Config, ConfigError, save_resolved, to_dict
 from train.ema import SamplingEMA
+from train.execution import (
+    ExecutionPlan,
+    PrecisionChoice,
+    accelerated_denoiser,
+    inductor_options,
+    plan_execution,
+)
 from train.graphs import GraphedStep, check_cuda_graphs
 from train.logging_utils import GpuTelemetry, MetricsLogger, plot_loss_curve, read_jsonl
 from train.optim import build_fused_optimizer, build_optimizer, wants_fused_optimizer
@@ -49,6 +55,9 @@ from train.resume import config_changes, plan_resume
 from train.schedule import Schedule
 from train.signals import StopSignals
 from train.step import StepSettings, TrainStep
+
+# A wall-clock budget shorter than this leaves a CPU compilation no time to pay off.
+COMPILE_MIN_MINUTES = 4.0
 
 
 class NonFiniteLossError(RuntimeError):
@@ -125,6 +134,8 @@ class Session:
     telemetry: GpuTelemetry
     notes: list[str]
     owns_batches: bool  # built here (so closed here), not handed in by the caller
+    execution: ExecutionPlan  # threads, precision, compile: what was decided, and why
+    decode: object = None  # a latent run's VAE decode for the sample grids (main rank)
 
 
 @dataclass
@@ -161,15 +172,22 @@ def model_overrides(cfg: Config, batches, device: torch.device) -> dict:
     return overrides
 
 
-def autocast_context(cfg: Config, device: torch.device):
-    precision = cfg.run.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision == "bf16":
-        # Graph capture needs autocast's weight-cast cache off (train/graphs.py).
-        return torch.autocast(device.type, dtype=torch.bfloat16,
-                              cache_enabled=not cfg.run.cuda_graphs)
-    return contextlib.nullcontext()
+def autocast_context(cfg: Config, device: torch.device, precision: PrecisionChoice):
+    # Graph capture needs autocast's weight-cast cache off (train/graphs.py).
+    return precision.autocast(device, cache_enabled=not cfg.run.cuda_graphs)
+
+
+def plan_run_execution(cfg: Config, device: torch.device, net: nn.Module,
+                       planned_steps: int | None) -> ExecutionPlan:
+    """Threads, precision and compile for this invocation (train/execution.py), measured
+    at the model's width; `planned_steps` is what this invocation will run (None: the
+    configured total)."""
+    steps = cfg.schedule.total_steps if planned_steps is None else planned_steps
+    if 0 < cfg.schedule.max_minutes < COMPILE_MIN_MINUTES:
+        steps = 0  # a short time budget cannot repay a compilation
+    width = int(getattr(getattr(net, "config", None), "hidden_size", 0) or 256)
+    return plan_execution(cfg.run.threads, cfg.run.precision, cfg.run.compile, device, width,
+                          steps)
 
 
 def seed_everything(seed: int) -> None:
@@ -184,10 +202,10 @@ def rank_seed(seed: int, rank: int) -> int:
 
 
 def set_up(cfg: Config, info: D.DistInfo, net: nn.Module | None, batches,
-            notes: list[str]) -> Session:
-    """Data, model (same init on every rank), sampling EMA, wrappers, optimizer, step: what
-    a run trains with. Public so that `sddit bench step` and `sddit profile` time and
-    profile exactly the loop's step."""
+            notes: list[str], planned_steps: int | None = None) -> Session:
+    """Data, model (same init on every rank), sampling EMA, wrappers, threads, precision
+    and compilation, optimizer, step: what a run trains with. Public so that `sddit bench
+    step` and `sddit profile` time and profile exactly the loop's step."""
     device = info.device
     local_batch = cfg.schedule.batch_size // info.world_size
     logger = MetricsLogger(cfg.run.dir, enabled=info.is_main, tensorboard=cfg.run.tensorboard)
@@ -205,6 +223,7 @@ def set_up(cfg: Config, info: D.DistInfo, net: nn.Module | None, batches,
         overrides = model_overrides(cfg, batches, device)
         net = model.build(cfg.model.name, **overrides)
     net = net.to(device)
+    execution = plan_run_execution(cfg, device, net, planned_steps)
     ema = SamplingEMA(net)
     if cfg.run.activation_checkpointing:
         D.apply_activation_checkpointing(net)
@@ -212,9 +231,9 @@ def set_up(cfg: Config, info: D.DistInfo, net: nn.Module | None, batches,
                                       cfg.distributed.find_unused_parameters)
     if D.is_sharded(net):  # FSDP2: the EMA is sharded alike, so its update is shard-local
         D.shard_fsdp2(ema.module, info)
-    if cfg.run.compile:
-        loss_module.compile()
-    autocast = autocast_context(cfg, device)
+    if execution.compile.on:
+        loss_module.compile(options=inductor_options(device))
+    autocast = autocast_context(cfg, device, execution.precision)
     fused_mode = "off" if cfg.run.cuda_graphs else cfg.run.fused_optimizer
     if wants_fused_optimizer(fused_mode, device, net, D.is_sharded(net)):
         optimizer = build_fused_optimizer(net, ema.module, cfg.optim,
@@ -230,7 +249,7 @@ def set_up(cfg: Config, info: D.DistInfo, net: nn.Module | None, batches,
     notes = notes + logger.notes + ([telemetry.note] if telemetry.note else [])
     return Session(cfg, info, batches, net, ema, optimizer, Schedule.from_config(cfg), step_fn,
                    {"name": cfg.model.name, "overrides": overrides}, logger, telemetry, notes,
-                   owns_batches)
+                   owns_batches, execution)
 
 
 def _restore(s: Session, state: dict | None) -> Progress:
@@ -408,7 +427,12 @@ def train(cfg: Config, *, resume: bool | str = False, stop_after: int | None = N
     notes = list(plan.notes)
     if state is not None:
         notes += config_changes(state["config"], to_dict(cfg), allow_config_change)
-    s = set_up(cfg, info, net, batches, notes)
+    decode = grid_decoder(cfg, info, state)  # before any work: a latent run needs its VAE
+    start_step = state["step"] if state is not None else 0
+    planned = max(cfg.schedule.total_steps - start_step, 0)
+    s = set_up(cfg, info, net, batches, notes,
+               planned_steps=planned if stop_after is None else min(planned, stop_after))
+    s.decode = decode
     progress = _restore(s, state)
     progress.last_ckpt = plan.path
     del state
@@ -429,6 +453,20 @@ def train(cfg: Config, *, resume: bool | str = False, stop_after: int | None = N
             s.batches.close()
 
 
+def grid_decoder(cfg: Config, info: D.DistInfo, state: dict | None):
+    """On the main rank (which draws the sample grids), the VAE decode of a latent run
+    (None for pixels); ConfigError naming the folder and data.vae when it cannot load."""
+    if not info.is_main:
+        return None
+    from train.data.latents import run_decoder
+
+    try:
+        return run_decoder(cfg.data, info.device, recorded=(state or {}).get("latents"),
+                           override=cfg.data.vae or None, flag="--set data.vae=PATH")
+    except (OSError, ImportError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def _announce(s: Session, p: Progress, resumed_from: str | None) -> None:
     if not s.info.is_main:
         return
@@ -436,7 +474,9 @@ def _announce(s: Session, p: Progress, resumed_from: str | None) -> None:
     s.logger.log({"event": "start", "step": p.step, "world_size": s.info.world_size,
                   "device": str(s.info.device), "resumed_from": resumed_from,
                   "num_params": sum(q.numel() for q in s.step_fn.params),
-                  "data_backend": getattr(s.batches, "backend", "custom"), "notes": s.notes})
+                  "data_backend": getattr(s.batches, "backend", "custom"),
+                  "execution": s.execution.record(), "notes": s.notes})
+    print(f"[sddit] execution: {s.execution.summary()}")
     for note in s.notes:
         print(f"[sddit] {note}")
 
@@ -545,9 +585,12 @@ def _sample_grid(s: Session, step: int) -> str | None:
     rng = ckpt.capture_rng_state()  # sampling must not perturb the training RNG
     try:
         path = os.path.join(cfg.run.dir, "samples", f"step{step:08d}.png")
-        return class_grid(sampler_net, int(sampler_net.config.num_classes),
-                          cfg.schedule.sample_per_class, path,
-                          num_steps=cfg.schedule.sample_steps, seed=cfg.run.seed)
+        num_classes = int(sampler_net.config.num_classes)
+        # The run's precision (no compile: a grid is too few samples to repay one).
+        fast = accelerated_denoiser(sampler_net, s.execution.precision.name, "off")
+        return class_grid(fast, num_classes, cfg.schedule.sample_per_class, path,
+                          num_steps=cfg.schedule.sample_steps, seed=cfg.run.seed,
+                          decode=s.decode)
     finally:
         ckpt.restore_rng_state(rng)
 
@@ -584,7 +627,8 @@ def _save(s: Session, p: Progress, elapsed: float) -> None:
                    "images_seen": p.images_seen, "skipped_steps": p.skipped,
                    "elapsed_s": elapsed, "rng": rng,
                    "data": {"epoch": p.epoch, "position": p.position},
-                   "config": to_dict(cfg), "model_build": s.build_record}
+                   "config": to_dict(cfg), "model_build": s.build_record,
+                   "latents": s.decode.spec.record() if s.decode is not None else None}
         path = ckpt.save_checkpoint(cfg.run.dir, p.step, payload, cfg.schedule.keep_last)
     p.last_ckpt = D.broadcast_object(path, info)
     p.last_saved = p.step

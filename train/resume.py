@@ -25,6 +25,9 @@ from train.config import ConfigError
 
 # Changing these under a resumed run changes what the run computes, not just how fast.
 EXACTNESS_KEYS = ("schedule.batch_size", "run.seed", "data.", "model.")
+# Under those prefixes but not changing what is computed: the VAE only decodes samples to look
+# at (a run moved to another machine finds it elsewhere).
+NOT_EXACTNESS_KEYS = ("data.vae",)
 
 
 @dataclass
@@ -118,7 +121,8 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any], allow: bool) 
     old, new = _flatten(saved), _flatten(current)
     changed = sorted(k for k in old.keys() | new.keys()
                      if _normal(old.get(k)) != _normal(new.get(k)))
-    breaking = [k for k in changed if k.startswith(EXACTNESS_KEYS) or k in EXACTNESS_KEYS]
+    breaking = [k for k in changed if (k.startswith(EXACTNESS_KEYS) or k in EXACTNESS_KEYS)
+                and k not in NOT_EXACTNESS_KEYS]
     if breaking and not allow:
         diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in breaking)
         raise ConfigError(f"the config differs from the checkpoint's in ways that change what "

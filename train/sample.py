@@ -5,13 +5,18 @@ from __future__ import annotations
 import argparse
 import math
 import os
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
 from train.config import UsageError
+from train.execution import accelerated_denoiser, add_sampling_arguments
 from train.logging_utils import save_image_grid, to_uint8_images
+
+# A latent run's VAE decode (train.data.vae.LatentDecoder): samples -> pixels in [-1, 1].
+Decode = Callable[[torch.Tensor], torch.Tensor]
 
 
 def grid_classes(num_classes: int, max_rows: int = 10) -> list[int]:
@@ -41,13 +46,21 @@ def generate(net: nn.Module, labels: list[int], seeds: list[int], *, num_steps: 
     return torch.cat(chunks)
 
 
+def as_images(samples: torch.Tensor, decode: Decode | None) -> torch.Tensor:
+    """A run's samples as pixels in [-1, 1]: through its VAE for a latent run."""
+    return samples if decode is None else decode(samples)
+
+
 def class_grid(net: nn.Module, num_classes: int, per_class: int, path: str, *,
-               num_steps: int = 18, cfg_scale: float = 1.0, seed: int = 0) -> str:
-    """A PNG with one row per class (up to 10 classes) and `per_class` samples per row."""
+               num_steps: int = 18, cfg_scale: float = 1.0, seed: int = 0,
+               decode: Decode | None = None) -> str:
+    """A PNG with one row per class (up to 10 classes) and `per_class` samples per row;
+    `decode` turns a latent run's samples into images."""
     classes = grid_classes(num_classes)
     labels = [c for c in classes for _ in range(per_class)]
     seeds = [seed + i for i in range(len(labels))]
-    images = generate(net, labels, seeds, num_steps=num_steps, cfg_scale=cfg_scale)
+    images = as_images(generate(net, labels, seeds, num_steps=num_steps, cfg_scale=cfg_scale),
+                       decode)
     scale = 2 if images.shape[-1] <= 64 else 1
     return save_image_grid(images, path, ncols=per_class, scale=scale)
 
@@ -66,6 +79,10 @@ def add_sample_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=256, help="images per sampler call")
     p.add_argument("--out", default=None, help="output folder (default: <run>/samples)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--vae", default=None,
+                   help="latent runs: the AutoencoderKL folder that decodes the samples "
+                        "(default: the one the run recorded; for a run moved elsewhere)")
+    add_sampling_arguments(p)
 
 
 def check_sample_args(args: argparse.Namespace) -> None:
@@ -80,6 +97,24 @@ def check_sample_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
     if not os.path.exists(args.ckpt):
         raise UsageError(f"--ckpt {args.ckpt}: no such checkpoint file or run folder")
+    if args.vae is not None and not os.path.isdir(args.vae):
+        raise UsageError(f"--vae {args.vae}: no such folder (a saved diffusers AutoencoderKL)")
+
+
+def checkpoint_decoder(meta: dict, vae: str | None, device: torch.device) -> Decode | None:
+    """The VAE decode of a latent run's samples (None for a pixel run), loaded before any
+    sampling; a VAE that cannot be reached or loaded is a UsageError naming --vae."""
+    from train.data.latents import run_decoder
+
+    data = meta["config"].get("data", {})
+    if vae is not None and data.get("source") != "latents":
+        raise UsageError(f"--vae {vae}: this run was trained on {data.get('source')!r} pixels, "
+                         "whose samples are images already; --vae is for latent runs")
+    try:
+        return run_decoder(data, device, recorded=meta.get("latents"), override=vae,
+                           flag="--vae PATH")
+    except (OSError, ImportError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
 
 
 def run_sample(args: argparse.Namespace) -> int:
@@ -89,6 +124,8 @@ def run_sample(args: argparse.Namespace) -> int:
     check_sample_args(args)
     device = resolve_device(args.device)
     net, meta = load_sampling_model(args.ckpt, device)
+    decode = checkpoint_decoder(meta, args.vae, device)
+    net = accelerated_denoiser(net, args.precision, args.compile, args.num)
     num_classes = int(net.config.num_classes)
     classes = args.classes if args.classes else list(range(num_classes))
     bad = [c for c in classes if not 0 <= c < num_classes]
@@ -96,8 +133,9 @@ def run_sample(args: argparse.Namespace) -> int:
         raise UsageError(f"--classes {bad} out of range for {num_classes} classes")
     labels = [classes[i % len(classes)] for i in range(args.num)]
     seeds = [args.seed + i for i in range(args.num)]
-    images = generate(net, labels, seeds, num_steps=args.steps, cfg_scale=args.cfg_scale,
-                      batch_size=args.batch, progress=True)
+    images = as_images(generate(net, labels, seeds, num_steps=args.steps,
+                                cfg_scale=args.cfg_scale, batch_size=args.batch, progress=True),
+                       decode)
     out = args.out or os.path.join(os.path.dirname(meta["path"]), "samples")
     os.makedirs(out, exist_ok=True)
     stem = f"step{meta['step']:08d}_cfg{args.cfg_scale:g}_n{args.num}"

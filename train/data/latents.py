@@ -1,11 +1,15 @@
-"""`sddit prepare-latents`: encode an image folder with a VAE into sharded latent moments.
+"""`sddit prepare-latents`: encode an image folder with a VAE into sharded latent moments;
+reading them back; and which VAE turns a latent run's samples back into images.
 
 Layout of the output folder (read back by `LatentShards`):
 - `shard_00000_moments.npy`       [n, 2C, h, w]  mean and logvar of each image, concatenated
 - `shard_00000_moments_flip.npy`  [n, 2C, h, w]  the same for the horizontally flipped image
 - `shard_00000_labels.npy`        [n] int64
+- `shard_00000.done.json`: the shard's completion marker; `prepare.json`: what the shards
+  are made from (both for resuming, train/data/shard_work.py)
 - `index.json`: format, count, moment/latent shapes, dtype, scale, class names, the shard
-  list, and provenance (source folder, encoder, resolution, skipped files, versions).
+  list, the VAE folder (`vae_path`), and provenance (source folder, encoder, resolution,
+  skipped files, versions).
 The index is written last and atomically, so a folder with an index is complete.
 
 The VAE is diffusers' `AutoencoderKL`, loaded only from a local path; nothing is downloaded.
@@ -19,18 +23,43 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, is_dataclass
+from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
 
-from train.data.images import CorruptImageError, ImageFolderDataset, usable_images
+from train.data.images import (
+    CorruptImageError,
+    ImageFolder,
+    ImageFolderDataset,
+    usable_images,
+)
+from train.data.shard_work import (
+    barrier,
+    batches_of,
+    broadcast_from_rank0,
+    claim_folder,
+    num_shards,
+    paths_digest,
+    plan_differences,
+    rank_world,
+    read_marker,
+    save_shard,
+    shard_range,
+    write_json_atomic,
+)
 from train.data.sources import worker_options
+from train.data.vae import LatentDecoder, VaeSpec, VaeUnavailableError, load_autoencoder
 
 Encoder = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 SD_VAE_SCALE = 0.18215
 LATENT_INDEX = "index.json"
 LATENT_FORMAT = "sddit-latent-shards"
+VAE_ENCODER_PREFIX = "diffusers.AutoencoderKL:"  # the provenance name of a VAE folder encoder
 
 
 class LatentShards:
@@ -117,21 +146,87 @@ class LatentDataset(torch.utils.data.Dataset):
         return torch.from_numpy(self.shards.get(index, flip)), int(self.shards.labels[index])
 
 
+# ----------------------------------------------------------------------------- the run's VAE
+
+
+def read_index(latent_dir: str) -> dict | None:
+    """A latent folder's index, or None where there is none (e.g. a run moved elsewhere)."""
+    try:
+        with open(os.path.join(latent_dir, LATENT_INDEX)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def index_vae_folder(index: Mapping[str, Any]) -> str | None:
+    """The VAE folder an index was encoded with: its `vae_path`, or for indexes written
+    before that was recorded, the folder in the provenance's encoder name."""
+    if index.get("vae_path"):
+        return str(index["vae_path"])
+    encoder = str(index.get("provenance", {}).get("encoder", ""))
+    return encoder.removeprefix(VAE_ENCODER_PREFIX) if encoder.startswith(
+        VAE_ENCODER_PREFIX) else None
+
+
+def _data_table(data: Any) -> dict[str, Any]:
+    return asdict(data) if is_dataclass(data) else dict(data)
+
+
+def run_vae_spec(data: Any, *, recorded: Mapping[str, Any] | None = None,
+                 override: str | None = None, flag: str = "--vae PATH") -> VaeSpec | None:
+    """The VAE that turns a run's samples into images; None for a run on pixels.
+
+    `data` is the run's data config (a DataConfig or its table from a checkpoint),
+    `recorded` what the checkpoint recorded at training ({"vae", "scale"}), `override` a
+    folder given on the command line. The folder is the first of override, recorded,
+    data.vae and the latent index's; the scale the first of recorded, data.latent_scale and
+    the index's. Raises VaeUnavailableError, naming the folder looked for and `flag`, when
+    the folder is not there: a latent run's samples are never written as images undecoded.
+    """
+    table = _data_table(data)
+    if table.get("source") != "latents":
+        return None
+    recorded = recorded or {}
+    index_dir = str(table.get("path") or "")
+    index = read_index(index_dir) if index_dir else None
+    candidates = [(override, f"given as {flag}"), (recorded.get("vae"), "recorded in the "
+                  "checkpoint"), (table.get("vae") or None, "data.vae in the run's config"),
+                  (index and index_vae_folder(index), f"recorded in {index_dir}/{LATENT_INDEX}")]
+    folder, source = next(((f, s) for f, s in candidates if f), (None, None))
+    scale = recorded.get("scale") or table.get("latent_scale") or (index or {}).get("scale")
+    where = (f"its latent index {index_dir}/{LATENT_INDEX} is not here" if index is None else
+             f"its latent index names the encoder "
+             f"{index.get('provenance', {}).get('encoder')!r}, not a VAE folder")
+    if folder is None:
+        raise VaeUnavailableError(
+            f"this run was trained on latents, so its samples must be decoded by its VAE, but "
+            f"no VAE folder is known ({where}): give the folder of its diffusers "
+            f"AutoencoderKL with {flag}. Nothing was sampled.")
+    if not os.path.isdir(folder):
+        raise VaeUnavailableError(
+            f"this run was trained on latents, so its samples must be decoded by its VAE, but "
+            f"the VAE folder {folder!r} ({source}) is not there: give it with {flag}. "
+            "Nothing was sampled.")
+    if not scale:
+        raise VaeUnavailableError(
+            f"the latent scale of this run is unknown: the checkpoint records none, "
+            f"data.latent_scale is unset and {where}. Copy {LATENT_INDEX} back to "
+            f"{index_dir or 'data.path'} or set data.latent_scale.")
+    return VaeSpec(os.path.abspath(folder), float(scale))
+
+
+def run_decoder(data: Any, device: torch.device | str, *, recorded: Mapping | None = None,
+                override: str | None = None, flag: str = "--vae PATH", batch_size: int = 32
+                ) -> LatentDecoder | None:
+    """`run_vae_spec`'s VAE loaded on `device` as a LatentDecoder; None for a pixel run."""
+    spec = run_vae_spec(data, recorded=recorded, override=override, flag=flag)
+    return None if spec is None else LatentDecoder(spec, device, batch_size, f"the VAE ({flag})")
+
+
 def load_vae_encoder(vae_path: str, device: torch.device | str = "cpu",
                      dtype: torch.dtype = torch.float32) -> tuple[Encoder, float]:
     """diffusers AutoencoderKL from a local folder -> (encode, scaling factor)."""
-    if not vae_path or not os.path.isdir(vae_path):
-        raise FileNotFoundError(
-            f"vae_path {vae_path!r} is not a local folder: give the folder of a diffusers "
-            "AutoencoderKL (config.json and weights), e.g. a saved copy of the SD VAE; "
-            "nothing is downloaded")
-    try:
-        from diffusers import AutoencoderKL
-    except ImportError as exc:
-        raise ImportError("prepare-latents needs diffusers to load the VAE at vae_path: "
-                          "pip install diffusers") from exc
-    vae = AutoencoderKL.from_pretrained(vae_path, local_files_only=True, torch_dtype=dtype)
-    vae = vae.to(device).eval().requires_grad_(False)
+    vae = load_autoencoder(vae_path, device, dtype)
     scale = float(getattr(vae.config, "scaling_factor", SD_VAE_SCALE))
 
     def encode(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,41 +234,6 @@ def load_vae_encoder(vae_path: str, device: torch.device | str = "cpu",
         return posterior.mean, posterior.logvar
 
     return encode, scale
-
-
-class _ShardWriter:
-    def __init__(self, out_dir: str, shard_size: int, dtype: np.dtype):
-        self.out_dir, self.shard_size, self.dtype = out_dir, shard_size, dtype
-        self.moments: list[np.ndarray] = []
-        self.flipped: list[np.ndarray] = []
-        self.labels: list[np.ndarray] = []
-        self.pending = 0
-        self.shards: list[dict] = []
-
-    def add(self, moments: np.ndarray, flipped: np.ndarray, labels: np.ndarray) -> None:
-        self.moments.append(moments.astype(self.dtype))
-        self.flipped.append(flipped.astype(self.dtype))
-        self.labels.append(labels.astype(np.int64))
-        self.pending += len(labels)
-        while self.pending >= self.shard_size:
-            self._write(self.shard_size)
-
-    def close(self) -> None:
-        if self.pending:
-            self._write(self.pending)
-
-    def _write(self, count: int) -> None:
-        moments, flipped, labels = (np.concatenate(a) for a in
-                                    (self.moments, self.flipped, self.labels))
-        stem = f"shard_{len(self.shards):05d}"
-        entry = {"moments": f"{stem}_moments.npy", "moments_flip": f"{stem}_moments_flip.npy",
-                 "labels": f"{stem}_labels.npy", "count": count}
-        for key, array in (("moments", moments), ("moments_flip", flipped), ("labels", labels)):
-            np.save(os.path.join(self.out_dir, entry[key]), array[:count])
-        self.shards.append(entry)
-        self.moments, self.flipped, self.labels = [moments[count:]], [flipped[count:]], [
-            labels[count:]]
-        self.pending -= count
 
 
 def _as_list(batch: list) -> list:
@@ -196,8 +256,7 @@ class _TolerantDataset(torch.utils.data.Dataset):
             return exc
 
 
-def _check_prepare_args(encode, vae_path, dtype: str, on_corrupt: str, sizes: dict,
-                        out_dir: str, overwrite: bool) -> None:
+def _check_prepare_args(encode, vae_path, dtype: str, on_corrupt: str, sizes: dict) -> None:
     if (encode is None) == (vae_path is None):
         raise ValueError("give exactly one of vae_path (a local AutoencoderKL folder) or encode")
     if dtype not in ("float16", "float32"):
@@ -207,9 +266,6 @@ def _check_prepare_args(encode, vae_path, dtype: str, on_corrupt: str, sizes: di
     for name, value in sizes.items():
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if os.path.exists(os.path.join(out_dir, LATENT_INDEX)) and not overwrite:
-        raise FileExistsError(f"out_dir {out_dir!r} already holds a {LATENT_INDEX}; "
-                              "pass overwrite=True (--overwrite) to replace it")
 
 
 def _resolve_encoder(encode: Encoder | None, vae_path: str | None, scale: float | None,
@@ -218,7 +274,7 @@ def _resolve_encoder(encode: Encoder | None, vae_path: str | None, scale: float 
     if vae_path is not None:
         encode, vae_scale = load_vae_encoder(vae_path, device)
         scale = scale or vae_scale
-        name = f"diffusers.AutoencoderKL:{os.path.abspath(vae_path)}"
+        name = f"{VAE_ENCODER_PREFIX}{os.path.abspath(vae_path)}"
     else:
         if scale is None:
             raise ValueError("scale is required with a custom encode callable "
@@ -229,13 +285,49 @@ def _resolve_encoder(encode: Encoder | None, vae_path: str | None, scale: float 
     return encode, scale, name
 
 
+class _ShardBuffer:
+    """The encoded batches of the shards in progress on this rank, written when complete."""
+
+    def __init__(self, out_dir: str, dtype: np.dtype, sizes: dict[int, int]):
+        self.out_dir, self.dtype = out_dir, dtype
+        self.left = dict(sizes)  # shard -> images not yet seen
+        self.parts: dict[int, dict[str, list[np.ndarray]]] = {}
+        self.skipped: dict[int, list[str]] = {}
+
+    def add(self, k: int, seen: int, arrays: dict[str, np.ndarray] | None,
+            skipped: list[str]) -> None:
+        parts = self.parts.setdefault(k, {"moments": [], "moments_flip": [], "labels": []})
+        if arrays is not None:
+            for key, array in arrays.items():
+                parts[key].append(array)
+        self.skipped.setdefault(k, []).extend(skipped)
+        self.left[k] -= seen
+        if self.left[k] == 0:
+            self._write(k)
+
+    def _write(self, k: int) -> None:
+        parts = self.parts.pop(k)
+        arrays = {"labels": np.concatenate(parts["labels"]).astype(np.int64)
+                  if parts["labels"] else np.zeros(0, np.int64)}
+        for key in ("moments", "moments_flip"):
+            arrays[key] = (np.concatenate(parts[key]).astype(self.dtype)
+                           if parts[key] else np.zeros(0, self.dtype))
+        save_shard(self.out_dir, k, arrays, self.skipped.pop(k))
+
+
 @torch.no_grad()
-def _encode_folder(loader, encode: Encoder, writer: _ShardWriter, device: torch.device,
-                   on_corrupt: str, skipped: list[str], bar) -> list[int] | None:
-    """Encodes every batch (and its mirror image) into the writer; the moment shape."""
-    moment_shape = None
-    for items in loader:
-        good = []
+def _encode_work(dataset: _TolerantDataset, work: list[tuple[int, list[int]]], encode: Encoder,
+                 device: torch.device, on_corrupt: str, num_workers: int,
+                 buffer: _ShardBuffer, bar) -> int:
+    """Encodes this rank's batches (each image and its mirror image) into the shard buffer;
+    returns the number of images encoded."""
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=[indices for _, indices in work], num_workers=num_workers,
+        collate_fn=_as_list, **worker_options(num_workers, persistent=False))
+    world = rank_world()[1]
+    encoded = 0
+    for (k, indices), items in zip(work, loader, strict=True):
+        good, skipped = [], []
         for item in items:
             if isinstance(item, CorruptImageError):
                 if on_corrupt == "error":
@@ -243,24 +335,72 @@ def _encode_folder(loader, encode: Encoder, writer: _ShardWriter, device: torch.
                 skipped.append(item.path)
             else:
                 good.append(item)
-        bar.update(len(items))
-        if not good:
-            continue
-        pixels = torch.stack([p for p, _ in good]).to(device)  # uint8 [B, 3, H, W]
-        x = pixels.float() / 127.5 - 1.0
-        moments = _encode_moments(encode, x)  # [B, 2C, h, w]
-        flipped = _encode_moments(encode, x.flip(-1))
-        moment_shape = moment_shape or list(moments.shape[1:])
-        writer.add(moments.cpu().numpy(), flipped.cpu().numpy(),
-                   np.array([label for _, label in good]))
-    return moment_shape
+        arrays = None
+        if good:
+            pixels = torch.stack([p for p, _ in good]).to(device)  # uint8 [B, 3, H, W]
+            x = pixels.float() / 127.5 - 1.0
+            arrays = {"moments": _encode_moments(encode, x).cpu().numpy(),
+                      "moments_flip": _encode_moments(encode, x.flip(-1)).cpu().numpy(),
+                      "labels": np.array([label for _, label in good])}
+            encoded += len(good)
+        buffer.add(k, len(indices), arrays, skipped)
+        bar.update(len(indices) * world)  # every rank moves at about this pace
+    return encoded
 
 
 def _write_index(out_dir: str, index: dict) -> None:
-    tmp_path = os.path.join(out_dir, LATENT_INDEX + ".tmp")
-    with open(tmp_path, "w") as f:
-        json.dump(index, f, indent=1)
-    os.replace(tmp_path, os.path.join(out_dir, LATENT_INDEX))
+    write_json_atomic(os.path.join(out_dir, LATENT_INDEX), index)
+
+
+def _assemble_index(out_dir: str, plan: dict, folder: ImageFolder, vae_path: str | None) -> dict:
+    """The index of a folder whose every shard has a marker (rank 0, after the others)."""
+    markers = [read_marker(out_dir, k) for k in range(num_shards(plan["count"],
+                                                                 plan["shard_size"]))]
+    missing = [k for k, m in enumerate(markers) if m is None]
+    if missing:
+        raise RuntimeError(f"{out_dir}: shards {missing[:10]} are not complete after every "
+                           "rank finished; rerun the same command to encode them")
+    shards = [{key: m[key] for key in ("moments", "moments_flip", "labels", "count")}
+              for m in markers if m["count"]]
+    if not shards:
+        raise ValueError(f"no readable images in {plan['source']!r}")
+    skipped = [path for m in markers for path in m["skipped"]]
+    moment_shape = next(m["moment_shape"] for m in markers if m["count"])
+    return {
+        "format": LATENT_FORMAT, "version": 1, "count": sum(s["count"] for s in shards),
+        "moment_shape": moment_shape, "latent_shape": [moment_shape[0] // 2] + moment_shape[1:],
+        "dtype": plan["dtype"], "scale": float(plan["scale"]),
+        "class_names": folder.class_names, "num_classes": len(folder.class_names),
+        "shards": shards, "vae_path": vae_path and os.path.abspath(vae_path),
+        "provenance": {
+            "tool": "sddit prepare-latents", "source": plan["source"], "encoder": plan["encoder"],
+            "resolution": plan["resolution"], "crop": "adm-center", "skipped": skipped,
+            "num_skipped": len(skipped), "torch": torch.__version__,
+            "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        },
+    }
+
+
+def _agree_on_plan(out_dir: str, plan: dict, overwrite: bool) -> list[int]:
+    """Every rank checks it sees rank 0's folder listing; rank 0 claims out_dir. Returns the
+    shards already done; on every rank, the same error when something is wrong."""
+    plans = [plan]
+    if rank_world()[1] > 1:
+        plans = [None] * rank_world()[1]
+        dist.all_gather_object(plans, plan)
+    if any(p != plans[0] for p in plans):
+        raise ValueError("the ranks see different image folders or settings: "
+                         + "; ".join(plan_differences(plans[0], p) for p in plans if p != plans[0]))
+    decision: list[int] | Exception | None = None
+    if rank_world()[0] == 0:
+        try:
+            decision = claim_folder(out_dir, plan, overwrite, LATENT_INDEX)
+        except OSError as exc:
+            decision = exc
+    decision = broadcast_from_rank0(decision)
+    if isinstance(decision, Exception):
+        raise decision
+    return decision
 
 
 def prepare_latents(image_folder: str, out_dir: str, *, encode: Encoder | None = None,
@@ -272,44 +412,60 @@ def prepare_latents(image_folder: str, out_dir: str, *, encode: Encoder | None =
     """Encodes every image of `image_folder` (and its mirror image) into shards in `out_dir`.
 
     Give `vae_path` (a local diffusers AutoencoderKL folder; scale from its config) or an
-    `encode` callable with its `scale`. Returns the index that was written.
+    `encode` callable with its `scale`. Within a torch.distributed group every rank encodes
+    its share of the shards and rank 0 writes the index; a folder left by an interrupted
+    run is continued from its finished shards (train/data/shard_work.py). Returns the
+    index, on every rank.
     """
-    from tqdm.auto import tqdm
-
     _check_prepare_args(encode, vae_path, dtype, on_corrupt, {
-        "resolution": resolution, "batch_size": batch_size, "shard_size": shard_size},
-        out_dir, overwrite)
+        "resolution": resolution, "batch_size": batch_size, "shard_size": shard_size})
     device = torch.device(device)
-    folder, skipped = usable_images(image_folder, "error", num_workers)  # lists; no scan
+    folder, _ = usable_images(image_folder, "error", num_workers)  # lists; no scan
     encode, scale, encoder_name = _resolve_encoder(encode, vae_path, scale, device)
-    os.makedirs(out_dir, exist_ok=True)
-    loader = torch.utils.data.DataLoader(
-        _TolerantDataset(ImageFolderDataset(folder, resolution)), batch_size=batch_size,
-        num_workers=num_workers, collate_fn=_as_list,
-        **worker_options(num_workers, persistent=False))
-    writer = _ShardWriter(out_dir, shard_size, np.dtype(dtype))
-    with tqdm(total=len(folder.paths), desc="prepare-latents", unit="img",
-              disable=not progress or None) as bar:
-        moment_shape = _encode_folder(loader, encode, writer, device, on_corrupt, skipped, bar)
-    writer.close()
-    if moment_shape is None:
-        raise ValueError(f"no readable images in {image_folder!r}")
-    index = {
-        "format": LATENT_FORMAT, "version": 1, "count": sum(s["count"] for s in writer.shards),
-        "moment_shape": moment_shape, "latent_shape": [moment_shape[0] // 2] + moment_shape[1:],
-        "dtype": dtype, "scale": float(scale), "class_names": folder.class_names,
-        "num_classes": len(folder.class_names), "shards": writer.shards,
-        "provenance": {
-            "tool": "sddit prepare-latents", "source": os.path.abspath(image_folder),
-            "encoder": encoder_name, "resolution": resolution, "crop": "adm-center",
-            "skipped": skipped, "num_skipped": len(skipped), "torch": torch.__version__,
-            "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        },
-    }
-    _write_index(out_dir, index)
-    if skipped:
-        print(f"prepare-latents: skipped {len(skipped)} unreadable image(s), listed in the index")
-    return index
+    plan = {"tool": "sddit prepare-latents", "source": os.path.abspath(image_folder),
+            "files": paths_digest(folder.paths, folder.labels), "count": len(folder.paths),
+            "class_names": folder.class_names, "resolution": resolution,
+            "shard_size": shard_size, "dtype": dtype, "encoder": encoder_name,
+            "scale": float(scale)}
+    done = set(_agree_on_plan(out_dir, plan, overwrite))
+    rank, world = rank_world()
+    todo = [k for k in range(num_shards(len(folder.paths), shard_size)) if k not in done]
+    if done and rank == 0:
+        print(f"prepare-latents: continuing in {out_dir}: {len(done)} shard(s) already done, "
+              f"{len(todo)} to encode")
+    work = batches_of(todo[rank::world], len(folder.paths), shard_size, batch_size)
+    sizes = {k: len(shard_range(k, len(folder.paths), shard_size)) for k in todo[rank::world]}
+    buffer = _ShardBuffer(out_dir, np.dtype(dtype), sizes)
+    remaining = sum(len(shard_range(k, len(folder.paths), shard_size)) for k in todo)
+    started = time.perf_counter()
+    with tqdm(total=remaining, desc="prepare-latents", unit="img", dynamic_ncols=True,
+              disable=not progress or rank != 0 or None) as bar:
+        encoded = _encode_work(_TolerantDataset(ImageFolderDataset(folder, resolution)), work,
+                               encode, device, on_corrupt, num_workers, buffer, bar)
+    barrier()  # every rank's shards are on disk before rank 0 reads their markers
+    _report_throughput(encoded, time.perf_counter() - started)
+    index = None
+    if rank == 0:
+        index = _assemble_index(out_dir, plan, folder, vae_path)
+        _write_index(out_dir, index)
+        if index["provenance"]["skipped"]:
+            print(f"prepare-latents: skipped {index['provenance']['num_skipped']} unreadable "
+                  "image(s), listed in the index")
+    return broadcast_from_rank0(index)
+
+
+def _report_throughput(encoded: int, seconds: float) -> None:
+    """Images encoded per second over every rank (each image is encoded twice: as it is and
+    mirrored), printed by rank 0; collective under torch.distributed."""
+    counts = [(encoded, seconds)]
+    if rank_world()[1] > 1:
+        counts = [None] * rank_world()[1]
+        dist.all_gather_object(counts, (encoded, seconds))
+    if rank_world()[0] != 0 or not encoded:
+        return
+    total, slowest = sum(n for n, _ in counts), max(s for _, s in counts)
+    print(f"prepare-latents: encoded {total} images (and their mirror images) in "
+          f"{slowest:.1f} s on {len(counts)} rank(s): {total / max(slowest, 1e-9):.1f} images/s")
 
 
 def _encode_moments(encode: Encoder, x: torch.Tensor) -> torch.Tensor:
@@ -324,36 +480,60 @@ def add_prepare_latents_parser(subparsers: argparse._SubParsersAction) -> argpar
     parser = subparsers.add_parser(
         "prepare-latents", help="encode an image folder into sharded VAE latents",
         description="Encode root/<class>/<image> with a local diffusers AutoencoderKL into "
-                    "sharded .npy latent moments (and flipped copies) plus index.json.")
+                    "sharded .npy latent moments (and flipped copies) plus index.json. Under "
+                    "torchrun every rank encodes its share of the shards; rerunning an "
+                    "interrupted command continues from its finished shards.")
     parser.add_argument("image_folder", help="image folder root/<class>/<image>")
     parser.add_argument("out_dir", help="output folder for the shards and index.json")
     parser.add_argument("--vae", required=True, dest="vae_path",
-                        help="local folder of a diffusers AutoencoderKL (e.g. the SD VAE)")
+                        help="local folder of a diffusers AutoencoderKL (e.g. a saved copy of "
+                             "stabilityai/sd-vae-ft-ema)")
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--shard-size", type=int, default=8192)
+    parser.add_argument("--shard-size", type=int, default=8192,
+                        help="images per shard: the unit of work shared by ranks and of resume")
     parser.add_argument("--dtype", choices=("float16", "float32"), default="float16")
     parser.add_argument("--scale", type=float, default=None,
                         help="latent scale to record (default: the VAE config's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--on-corrupt", choices=("error", "skip"), default="error")
     parser.add_argument("--num-workers", type=int, default=4)
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in an out_dir that holds an index or shards")
     parser.set_defaults(func=run_prepare_latents)
     return parser
 
 
+def _join_torchrun(device_arg: str) -> tuple[torch.device, bool]:
+    """Under torchrun (WORLD_SIZE > 1): join its process group (NCCL on CUDA, else gloo)
+    and take this rank's GPU. Returns (device, whether this call made the group)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return torch.device(device_arg), False
+    cuda = torch.device(device_arg).type == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return (torch.device("cuda", torch.cuda.current_device()) if cuda
+            else torch.device(device_arg)), True
+
+
 def run_prepare_latents(args: argparse.Namespace) -> int:
     """The CLI entry: a bad argument or path is reported in one line, exit status 2."""
+    device, joined = _join_torchrun(args.device)
     try:
         index = prepare_latents(
             args.image_folder, args.out_dir, vae_path=args.vae_path, scale=args.scale,
             resolution=args.resolution, batch_size=args.batch_size, shard_size=args.shard_size,
-            dtype=args.dtype, device=args.device, on_corrupt=args.on_corrupt,
+            dtype=args.dtype, device=device, on_corrupt=args.on_corrupt,
             num_workers=args.num_workers, overwrite=args.overwrite)
     except (OSError, ImportError, ValueError) as exc:  # OSError covers CorruptImageError
         print(f"sddit prepare-latents: {exc}", file=sys.stderr)
         return 2
-    print(f"prepare-latents: wrote {index['count']} latents {index['latent_shape']} in "
-          f"{len(index['shards'])} shard(s) to {args.out_dir}")
+    finally:
+        rank = rank_world()[0]
+        if joined:
+            dist.destroy_process_group()
+    if rank == 0:
+        print(f"prepare-latents: wrote {index['count']} latents {index['latent_shape']} in "
+              f"{len(index['shards'])} shard(s) to {args.out_dir}")
     return 0

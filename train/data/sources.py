@@ -28,6 +28,9 @@ class DataConfig:
     num_workers: int = 2
     on_corrupt: str = "error"  # "error" | "skip"
     latent_scale: float | None = None  # None: the index's recorded scale
+    # latents: the AutoencoderKL folder that decodes samples into images ("": the one the
+    # latent index records). Used only to look at samples, so it may change on resume.
+    vae: str = ""
 
     def validate(self, check_paths: bool = True) -> None:
         """Values always; whether data.path exists only with check_paths (a config can be
@@ -44,6 +47,8 @@ class DataConfig:
             raise ValueError(f"data.num_workers must be an int >= 0, got {self.num_workers!r}")
         if self.latent_scale is not None and not self.latent_scale > 0:
             raise ValueError(f"data.latent_scale must be > 0 or None, got {self.latent_scale!r}")
+        if not isinstance(self.vae, str):
+            raise ValueError(f"data.vae must be a folder path (a string), got {self.vae!r}")
         if self.source != "animal-mnist" and not self.path:
             raise ValueError(f"data.path is required for data.source={self.source!r}")
         if check_paths and self.source != "animal-mnist" and not os.path.isdir(self.path):
