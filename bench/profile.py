@@ -12,7 +12,7 @@ and, on CUDA, as NVTX ranges for Nsight Systems:
 - data (the next batch), then the step's own phases (train/step.py): forward, backward,
   grad_norm, optimizer, teacher_ema, sampling_ema;
 - inside the forward, attached from outside the model (forward hooks on its submodules and
-  the net's own `phase_range` around its functional parts, set on this instance only and
+  its method's `phase_range` around the loss's functional parts, set on this instance only and
   removed afterwards): noise
   (EDM preconditioning), embed (patch, time and label embedders), mask (keep ids, gather),
   student_encoder, decoder (scatter, decoder blocks, final layer), side_interpolater (MDT),
@@ -57,7 +57,6 @@ from bench._harness import environment, module_main, write_json
 PHASE_ORDER = ("data", "noise", "embed", "mask", "student_encoder", "teacher", "heads",
                "decoder", "side_interpolater", "losses", "forward", "backward", "grad_norm",
                "optimizer", "teacher_ema", "sampling_ema", "outside phases")
-# Functions model/methods.py calls, wrapped (in that module's namespace only) in a range.
 class Span:
     """A named range opened and closed by different hooks: record_function, plus NVTX on
     CUDA. Spans nest properly in time (each closes before its parent), as NVTX requires."""
@@ -112,15 +111,14 @@ def _span_hooks(net: torch.nn.Module, nvtx: bool) -> list[tuple[torch.nn.Module,
 
     for part in ("x_embedder", "t_embedder", "y_embedder"):
         around(getattr(bb, part, None), "embed")
-    around(getattr(net, "teacher", None), "teacher")
-    around(getattr(net, "head", None), "heads")
+    around(getattr(net.method, "teacher", None), "teacher")  # SD-DiT's
+    around(getattr(net.method, "head", None), "heads")
     for block in getattr(bb, "sideblocks", []):  # MDT's side-interpolater, in the decoder
         around(block, "side_interpolater")
     blocks = _encoder_blocks(bb)
-    if blocks:  # from the first block's adaLN modulation (computed first) to the last block
+    if blocks:  # from the first block's start to the last block's end
         enc = Span("student_encoder", nvtx)
-        first = getattr(blocks[0], "adaLN_modulation", blocks[0])
-        marks += [(first, "pre", enc.open), (blocks[-1], "post", enc.close)]
+        marks += [(blocks[0], "pre", enc.open), (blocks[-1], "post", enc.close)]
     # decoder: from the encoder's end (the scatter comes next) to the final layer's end
     dec = Span("decoder", nvtx)
     marks += [(blocks[-1] if blocks else bb.final_layer, "post", dec.open),
@@ -132,20 +130,20 @@ def _span_hooks(net: torch.nn.Module, nvtx: bool) -> list[tuple[torch.nn.Module,
 def phase_ranges(net: torch.nn.Module, step_fn: Any = None, nvtx: bool = False
                  ) -> Iterator[None]:
     """Marks the forward's sub-phases on this net (forward hooks on its submodules, its
-    own `phase_range` for the functional parts) and, with NVTX, the step's phases on this
-    step; all on these instances only, and removed afterwards."""
+    method's `phase_range` for the loss's functional parts) and, with NVTX, the step's
+    phases on this step; all on these instances only, and removed afterwards."""
     handles = []
     for module, when, fn in _span_hooks(net, nvtx):
         hook = module.register_forward_pre_hook if when == "pre" else module.register_forward_hook
         handles.append(hook(fn))
-    net.phase_range = _spans(nvtx)
+    net.method.phase_range = _spans(nvtx)
     step_range = getattr(step_fn, "phase_range", None)
     if nvtx and step_range is not None:  # the step's own phases as NVTX ranges too
         step_fn.phase_range = _nvtx_record_function
     try:
         yield
     finally:
-        del net.phase_range  # back to the class's unmarked default
+        del net.method.phase_range  # back to the class's unmarked default
         if step_range is not None:
             step_fn.phase_range = step_range
         for handle in handles:
@@ -187,8 +185,7 @@ def profile_run(args: argparse.Namespace, device: torch.device) -> tuple[Any, An
                       disable=None):
             with record_function("phase:data"):
                 x, y = stream.next()
-            rig.net.set_progress(i, 1_000_000)
-            rig.step_fn(x, y, 1e-4, 0.996, 0.9999)
+            rig.step_fn(x, y, rig.values(i))
             if cuda:
                 torch.cuda.synchronize(device)
             prof.step()
@@ -325,11 +322,13 @@ def add_profile_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _resolve(args: argparse.Namespace) -> torch.device:
-    if args.device not in ("auto", "cuda", "cpu"):
-        raise ValueError(f"--device must be auto, cuda or cpu, got {args.device!r}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
-    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    from train.distributed import resolve_device
+
+    try:
+        device = resolve_device(args.device, what="--device")
+    except RuntimeError as exc:  # cuda asked for, none here: a bad argument like any other
+        raise ValueError(str(exc)) from None
+    cuda = device.type == "cuda"
     args.model = args.model or ("SD-DiT-XL/2" if cuda else "SD-DiT-tiny")
     args.batch = args.batch or (32 if cuda else 8)
     args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
@@ -339,7 +338,7 @@ def _resolve(args: argparse.Namespace) -> torch.device:
     import model
 
     model.make_config(args.model)  # an unknown preset fails here, before any work
-    return torch.device("cuda" if cuda else "cpu")
+    return device
 
 
 def _run_static(args: argparse.Namespace) -> int:

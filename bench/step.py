@@ -6,7 +6,7 @@
 
 What is timed is `train.step.TrainStep`, the loop's own step: forward (loss module under
 autocast), backward, global grad norm with clipping, the finite check, the optimizer, SD-DiT's
-teacher momentum and the sampling EMA, preceded by the loop's `net.set_progress` call. It is
+teacher momentum and the sampling EMA, fed the loss inputs the loop's schedule gives. It is
 built by the loop's own set-up (`train.loop.set_up`, default config: optimizer, wrappers,
 compile, autocast), for one process, with the model built directly on the device.
 
@@ -110,11 +110,19 @@ class Rig:
     y: torch.Tensor
     device: torch.device
     kernels_backend: str
+    schedule: Any  # train.schedule.Schedule, the loop's
     execution: Any = None  # train.execution.ExecutionPlan: precision, compile, threads
 
+    def values(self, i: int) -> Any:
+        """Step i's train.schedule.StepValues: the loss inputs the loop's schedule gives at
+        step i of a long run, with a fixed lr, teacher momentum and EMA decay."""
+        from train.schedule import StepValues
+
+        return StepValues(lr=1e-4, ema_beta=0.9999, teacher_momentum=0.996,
+                          loss=self.schedule.loss_inputs(i, 1_000_000))
+
     def run(self, i: int) -> torch.Tensor:
-        self.net.set_progress(i, 1_000_000)
-        return self.step_fn(self.x, self.y, 1e-4, 0.996, 0.9999)
+        return self.step_fn(self.x, self.y, self.values(i))
 
     def update_description(self) -> dict[str, Any]:
         """Which optimizer and EMA updates ran, and whether the step was a CUDA graph."""
@@ -168,7 +176,8 @@ def build_rig(name: str, path: str, batch: int, device: torch.device, seed: int 
     backend = current_backend(x) if use_kernels else "none"
     if backend == "triton" and device.type == "cpu":
         backend = "triton (interpreter)"
-    return Rig(net, session.step_fn, x, y, device, backend, session.execution)
+    return Rig(net, session.step_fn, x, y, device, backend, session.schedule,
+               session.execution)
 
 
 def batch_source(net: torch.nn.Module, batch: int, device: torch.device, seed: int,
@@ -354,7 +363,7 @@ def _print_attention_choices(choices: list[dict[str, Any]]) -> None:
 def method_table(name: str) -> list[dict[str, Any]]:
     """model.flops.method_table at `name`'s size: parameters, teacher parameters and
     training / inference GFLOPs per image of every method."""
-    from model.config import METHODS
+    from model import METHODS
     from model.flops import method_table as table
 
     method = next(m for m in sorted(METHODS, key=len, reverse=True)

@@ -73,10 +73,10 @@ def last_records(metrics_path: str, n: int = 5) -> list[dict[str, Any]]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from train.config import load_config
-    from train.distributed import shutdown_distributed
+    from train.distributed import resolve_device, shutdown_distributed
     from train.loop import train
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device("auto").type
     run_dir = args.run_dir or tempfile.mkdtemp(prefix="sddit-train-short-")
     overrides = [f'run.dir="{run_dir}"', f"run.device=\"{device}\"",
                  f"schedule.total_steps={args.steps}", f"schedule.max_minutes={args.minutes}",

@@ -1,5 +1,6 @@
-"""SD-DiT, DiT, MaskDiT and MDT as configurations of one network, with EDM preconditioning
-and sampling. `METHODS` lists the methods in the chart's order.
+"""SD-DiT, DiT, MaskDiT and MDT: one loss class per method (model/methods/) over one
+backbone interface (model/backbone.py), with EDM preconditioning and sampling. `METHODS`
+lists the shipped methods in the chart's order; `register_method` adds one.
 
 Layer: sdkernels <- **model** <- data <- train, metrics <- bench <- sddit. It imports torch
 and sdkernels only; the network is written for one device (parallelism is applied from
@@ -7,7 +8,7 @@ outside, in train/distributed.py).
 
     net = model.build("SD-DiT-XL/2", use_kernels=True)
     losses = net.training_losses(x0, y)          # {"loss", "gen", "dis"}
-    net.update_teacher(model.teacher_momentum(step, total_steps))
+    net.update_teacher(momentum)                 # the schedule's value (train/schedule.py)
     images = model.edm_sample(net, labels, seeds)
 """
 
@@ -18,10 +19,19 @@ from typing import Any
 from torch import nn
 
 from model.attention import available_attention_backends
-from model.config import METHODS, ModelConfig, make_config
+from model.backbone import Backbone
+from model.config import ModelConfig
 from model.flops import flops_per_image
-from model.heads import cosine_momentum
-from model.methods import DiffusionTransformer
+from model.methods import (
+    METHODS,
+    LossInputs,
+    Method,
+    method_names,
+    register_method,
+    unregister_method,
+)
+from model.network import DiffusionTransformer
+from model.presets import make_config
 from model.sampler import edm_sample
 
 
@@ -48,21 +58,16 @@ def encoder_passes(net_or_config: nn.Module | ModelConfig) -> tuple[int, ...]:
     return _config(net_or_config).encoder_passes
 
 
-def teacher_momentum(step: int, total_steps: int, base: float = 0.996, final: float = 1.0
-                     ) -> float:
-    """Cosine schedule from base (step 0) to final (the last step), iBOT/DINO style. A run
-    uses `net.teacher_momentum(step, total_steps)`, which reads base and final from the
-    config (teacher_momentum_start / teacher_momentum_end)."""
-    return cosine_momentum(step, total_steps, base, final)
-
-
 def attention_backend(net: nn.Module) -> str:
     return net.attention_backend
 
 
 __all__ = [
     "METHODS",
+    "Backbone",
     "DiffusionTransformer",
+    "LossInputs",
+    "Method",
     "ModelConfig",
     "attention_backend",
     "available_attention_backends",
@@ -72,5 +77,7 @@ __all__ = [
     "encoder_patches",
     "flops_per_image",
     "make_config",
-    "teacher_momentum",
+    "method_names",
+    "register_method",
+    "unregister_method",
 ]

@@ -1,40 +1,28 @@
-"""Model configuration: one frozen dataclass and the named presets.
+"""Model configuration: one frozen dataclass of every field, validated field by field.
 
-SD-DiT, DiT, MaskDiT and MDT are configurations of the same code. What a method does is
-read from its fields, not from its name:
+`method` names the training method (its loss, model/methods/); the presets are in
+model/presets.py. The backbone and the losses read these fields:
 - backbone = 'dit' (one stack, optionally split into encoder and decoder) or 'mdt' (MDTv2:
   encoder halves joined by long skips, decoder blocks skipped from the input embedding, a
-  side-interpolater, and a masked plus an unmasked forward per training step);
-- mask_ratio > 0 masks the student encoder's input (MDT: + U(0, mask_ratio_jitter) per step);
+  side-interpolater);
+- mask_ratio > 0 masks the student encoder's input (MDT: + U(0, mask_ratio_jitter) per
+  step); the training schedule hands the losses the ratio of each step;
 - learned_pos_embed / rel_pos_bias: MDT's trained positions and relative position bias;
-- lambda_dis > 0 builds the EMA teacher and the iBOT-style heads;
+- lambda_dis > 0 gives SD-DiT its EMA teacher and iBOT-style heads;
 - decoder_depth / decoder_width / separate_decoder shape the decoder;
 - decoder_fill says what sits at masked positions before the decoder;
-- gen_loss_tokens and mae_weight shape the loss.
+- gen_loss_tokens and mae_weight (MaskDiT) shape the loss.
 Choices marked (assumed) in METHOD.md are fields with the stated defaults; docs/method.md
 says where each method's choices come from.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import re
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import NoReturn
 
-# Every method this code trains, in the chart's order.
-METHODS = ("SD-DiT", "DiT", "MaskDiT", "MDT")
 BACKBONES = ("dit", "mdt")
 ATTENTION_BACKENDS = ("auto", "flash_attn", "xformers", "sdpa", "math")
-
-# DiT's sizes: (hidden_size, depth, num_heads).
-SIZES: dict[str, tuple[int, int, int]] = {
-    "S": (384, 12, 6),
-    "B": (768, 12, 12),
-    "L": (1024, 24, 16),
-    "XL": (1152, 28, 16),
-}
-PATCHES = (2, 4, 8)
 
 
 @dataclass(frozen=True)
@@ -109,8 +97,8 @@ class ModelConfig:
         """L_keep = L - round(r * L), the same count for every sample (MDT: int(L (1 - r)),
         as its public code, at the smallest ratio r = mask_ratio)."""
         if self.backbone == "mdt":
-            return int(self.num_tokens * (1 - self.mask_ratio))
-        return self.num_tokens - int(round(self.mask_ratio * self.num_tokens))
+            return mdt_kept_tokens(self.num_tokens, self.mask_ratio)
+        return kept_tokens(self.num_tokens, self.mask_ratio)
 
     @property
     def kept_distribution(self) -> list[tuple[int, float]]:
@@ -171,6 +159,16 @@ class ModelConfig:
         return parse_teacher_sigma(self.teacher_sigma)
 
 
+def kept_tokens(num_tokens: int, mask_ratio: float) -> int:
+    """L_keep = L - round(r L): the tokens a masked encoder pass keeps, for every sample."""
+    return num_tokens - int(round(mask_ratio * num_tokens))
+
+
+def mdt_kept_tokens(num_tokens: int, mask_ratio: float) -> int:
+    """MDT's count, int(L (1 - r)), as its public code rounds it."""
+    return int(num_tokens * (1 - mask_ratio))
+
+
 def parse_teacher_sigma(value: str) -> tuple[float, float] | None:
     """'min' | 'student' -> None; 'logu:LO:HI' -> (LO, HI). Anything else raises ValueError."""
     if value in ("min", "student"):
@@ -181,14 +179,14 @@ def parse_teacher_sigma(value: str) -> tuple[float, float] | None:
             raise ValueError
         lo, hi = float(parts[1]), float(parts[2])
     except ValueError:
-        _fail("teacher_sigma", f"must be 'min', 'student' or 'logu:LO:HI' (e.g. "
+        fail("teacher_sigma", f"must be 'min', 'student' or 'logu:LO:HI' (e.g. "
               f"'logu:0.002:0.05'), got {value!r}")
     if not 0 < lo <= hi:
-        _fail("teacher_sigma", f"needs 0 < LO <= HI, got {value!r}")
+        fail("teacher_sigma", f"needs 0 < LO <= HI, got {value!r}")
     return lo, hi
 
 
-def _fail(field: str, message: str) -> NoReturn:
+def fail(field: str, message: str) -> NoReturn:
     raise ValueError(f"model config: {field} {message}")
 
 
@@ -200,184 +198,99 @@ def validate(c: ModelConfig) -> None:
     else:
         for name in ("learned_pos_embed", "rel_pos_bias", "mask_ratio_jitter"):
             if getattr(c, name):
-                _fail(name, "needs backbone='mdt' (the MDT layout)")
+                fail(name, "needs backbone='mdt' (the MDT layout)")
     _validate_decoder(c)
     _validate_training_fields(c)
 
 
 def _validate_shape_and_mask(c: ModelConfig) -> None:
-    if c.method not in METHODS:
-        _fail("method", f"must be one of {METHODS}, got {c.method!r}")
+    if not isinstance(c.method, str) or not c.method:
+        fail("method", f"must name a registered method (model.METHODS), got {c.method!r}")
     if c.backbone not in BACKBONES:
-        _fail("backbone", f"must be one of {BACKBONES}, got {c.backbone!r}")
+        fail("backbone", f"must be one of {BACKBONES}, got {c.backbone!r}")
     for name in ("input_size", "in_channels", "num_classes", "patch_size", "hidden_size",
                  "depth", "num_heads"):
         if not isinstance(getattr(c, name), int) or getattr(c, name) < 1:
-            _fail(name, f"must be a positive int, got {getattr(c, name)!r}")
+            fail(name, f"must be a positive int, got {getattr(c, name)!r}")
     if c.input_size % c.patch_size != 0:
-        _fail("patch_size", f"{c.patch_size} must divide input_size {c.input_size}")
+        fail("patch_size", f"{c.patch_size} must divide input_size {c.input_size}")
     if c.hidden_size % 4 != 0:
-        _fail("hidden_size", f"must be a multiple of 4 (2-D sin-cos position embedding), got "
+        fail("hidden_size", f"must be a multiple of 4 (2-D sin-cos position embedding), got "
               f"{c.hidden_size}")
     if c.hidden_size % c.num_heads != 0:
-        _fail("num_heads", f"{c.num_heads} must divide hidden_size {c.hidden_size}")
+        fail("num_heads", f"{c.num_heads} must divide hidden_size {c.hidden_size}")
     if not 0.0 <= c.mask_ratio < 1.0:
-        _fail("mask_ratio", f"must be in [0, 1), got {c.mask_ratio}")
+        fail("mask_ratio", f"must be in [0, 1), got {c.mask_ratio}")
     if not 0.0 <= c.mask_ratio_jitter < 1.0 - c.mask_ratio:
-        _fail("mask_ratio_jitter", f"must be in [0, 1 - mask_ratio), got {c.mask_ratio_jitter}")
+        fail("mask_ratio_jitter", f"must be in [0, 1 - mask_ratio), got {c.mask_ratio_jitter}")
     if c.mask_ratio > 0 and min(k for k, _ in c.kept_distribution) < 1:
-        _fail("mask_ratio", f"{c.mask_ratio} (+ {c.mask_ratio_jitter}) keeps no token of "
+        fail("mask_ratio", f"{c.mask_ratio} (+ {c.mask_ratio_jitter}) keeps no token of "
               f"{c.num_tokens}")
     for name in ("learned_pos_embed", "rel_pos_bias"):
         if not isinstance(getattr(c, name), bool):
-            _fail(name, f"must be true or false, got {getattr(c, name)!r}")
+            fail(name, f"must be true or false, got {getattr(c, name)!r}")
 
 
 def _validate_decoder(c: ModelConfig) -> None:
     if not c.separate_decoder and not 0 <= c.decoder_depth < c.depth:
-        _fail("decoder_depth", f"must be in [0, depth={c.depth}), got {c.decoder_depth}")
+        fail("decoder_depth", f"must be in [0, depth={c.depth}), got {c.decoder_depth}")
     if c.separate_decoder:
         if c.decoder_depth < 1:
-            _fail("decoder_depth", "must be >= 1 with separate_decoder")
+            fail("decoder_depth", "must be >= 1 with separate_decoder")
         if c.dec_width % 4 != 0:
-            _fail("decoder_width", f"must be a multiple of 4, got {c.dec_width}")
+            fail("decoder_width", f"must be a multiple of 4, got {c.dec_width}")
         if c.dec_width % c.dec_heads != 0:
-            _fail("decoder_num_heads", f"{c.dec_heads} must divide decoder width {c.dec_width}")
+            fail("decoder_num_heads", f"{c.dec_heads} must divide decoder width {c.dec_width}")
     elif (c.decoder_width not in (None, c.hidden_size)
           or c.decoder_num_heads not in (None, c.num_heads)):
-        _fail("decoder_width", "and decoder_num_heads need separate_decoder=True to differ "
+        fail("decoder_width", "and decoder_num_heads need separate_decoder=True to differ "
               "from hidden_size and num_heads")
     if c.decoder_fill not in ("noisy", "mask_token"):
-        _fail("decoder_fill", f"must be 'noisy' or 'mask_token', got {c.decoder_fill!r}")
+        fail("decoder_fill", f"must be 'noisy' or 'mask_token', got {c.decoder_fill!r}")
     if c.gen_loss_tokens not in ("all", "kept"):
-        _fail("gen_loss_tokens", f"must be 'all' or 'kept', got {c.gen_loss_tokens!r}")
+        fail("gen_loss_tokens", f"must be 'all' or 'kept', got {c.gen_loss_tokens!r}")
 
 
 def _validate_training_fields(c: ModelConfig) -> None:
     """Attention, conditioning dropout, EDM constants, loss weights and the teacher."""
     if c.attention not in ATTENTION_BACKENDS:
-        _fail("attention", f"must be one of {ATTENTION_BACKENDS}, got {c.attention!r}")
+        fail("attention", f"must be one of {ATTENTION_BACKENDS}, got {c.attention!r}")
     if not 0.0 <= c.class_dropout < 1.0:
-        _fail("class_dropout", f"must be in [0, 1), got {c.class_dropout}")
+        fail("class_dropout", f"must be in [0, 1), got {c.class_dropout}")
     for name in ("lambda_dis", "mae_weight"):
         if getattr(c, name) < 0:
-            _fail(name, f"must be >= 0, got {getattr(c, name)}")
+            fail(name, f"must be >= 0, got {getattr(c, name)}")
     if c.sigma_data <= 0 or c.sigma_min <= 0 or c.P_std <= 0:
-        _fail("sigma_data/sigma_min/P_std", "must be > 0")
+        fail("sigma_data/sigma_min/P_std", "must be > 0")
     if c.center_tokens not in ("all", "kept"):
-        _fail("center_tokens", f"must be 'all' or 'kept', got {c.center_tokens!r}")
+        fail("center_tokens", f"must be 'all' or 'kept', got {c.center_tokens!r}")
     for name in ("teacher_momentum_start", "teacher_momentum_end"):
         if isinstance(getattr(c, name), bool) or not isinstance(getattr(c, name), (int, float)):
-            _fail(name, f"must be a number, got {getattr(c, name)!r}")
+            fail(name, f"must be a number, got {getattr(c, name)!r}")
     if not 0.0 <= c.teacher_momentum_start <= c.teacher_momentum_end <= 1.0:
-        _fail("teacher_momentum_start", f"and teacher_momentum_end need 0 <= start <= end <= 1, "
+        fail("teacher_momentum_start", f"and teacher_momentum_end need 0 <= start <= end <= 1, "
               f"got {c.teacher_momentum_start} and {c.teacher_momentum_end}")
     parse_teacher_sigma(c.teacher_sigma)
     if c.has_teacher:
         if min(c.tau_s, c.tau_t_start, c.tau_t_end) <= 0:
-            _fail("tau_s/tau_t_start/tau_t_end", "must be > 0")
+            fail("tau_s/tau_t_start/tau_t_end", "must be > 0")
         if not 0.0 <= c.center_momentum <= 1.0:
-            _fail("center_momentum", f"must be in [0, 1], got {c.center_momentum}")
+            fail("center_momentum", f"must be in [0, 1], got {c.center_momentum}")
         if min(c.head_hidden_dim, c.head_bottleneck_dim, c.n_prototypes) < 1:
-            _fail("head dims", "must be positive")
-
-
-# MaskDiT's published decoder (XL/2 only): 8 blocks of width 512 with 16 heads of 32.
-MASKDIT_XL = dict(hidden=1152, depth=28, decoder_width=512, decoder_depth=8, head_dim=32)
-
-
-def maskdit_decoder(hidden: int, depth: int) -> dict[str, int]:
-    """MaskDiT's decoder scaled with the backbone (assumed rule; XL exactly as published):
-    width = hidden * 512/1152 (= hidden / 2.25) rounded to a multiple of the published head
-    width 32, depth = 8 * depth/28 rounded, heads = width / 32. The decoder's share of the
-    training FLOPs then stays near XL's (about 10%). S/2 and B/2: 3 blocks of 160 and 352."""
-    xl = MASKDIT_XL
-    head_dim = xl["head_dim"]
-    width = max(head_dim, round(hidden * xl["decoder_width"] / xl["hidden"] / head_dim) * head_dim)
-    dec_depth = max(1, round(xl["decoder_depth"] * depth / xl["depth"]))
-    return dict(decoder_width=width, decoder_depth=dec_depth, decoder_num_heads=width // head_dim)
+            fail("head dims", "must be positive")
 
 
 def validate_mdt(c: ModelConfig) -> None:
     """MDT's layout: depth = 2 x half + decoder_depth, no teacher, no separate decoder."""
     if not 1 <= c.decoder_depth < c.depth or (c.depth - c.decoder_depth) % 2:
-        _fail("decoder_depth", f"with backbone='mdt' must leave an even encoder depth >= 2 "
+        fail("decoder_depth", f"with backbone='mdt' must leave an even encoder depth >= 2 "
               f"(two halves joined by long skips): depth {c.depth}, got {c.decoder_depth}")
     if c.mask_ratio <= 0:
-        _fail("mask_ratio", "must be > 0 with backbone='mdt' (its masked pass)")
+        fail("mask_ratio", "must be > 0 with backbone='mdt' (its masked pass)")
     for name, value in (("lambda_dis", 0.0), ("mae_weight", 0.0), ("separate_decoder", False),
                         ("gen_loss_tokens", "all")):
         if getattr(c, name) != value:
-            _fail(name, f"must be {value!r} with backbone='mdt', got {getattr(c, name)!r}")
+            fail(name, f"must be {value!r} with backbone='mdt', got {getattr(c, name)!r}")
     if c.rel_pos_bias and c.attention not in ("auto", "sdpa", "math"):
-        _fail("attention", f"{c.attention!r} takes no additive bias: rel_pos_bias runs on "
+        fail("attention", f"{c.attention!r} takes no additive bias: rel_pos_bias runs on "
               f"'sdpa' or 'math' ('auto' picks sdpa)")
-
-
-# MDTv2's decoder depth ("decode_layer") in the public run scripts: 6 for S/2, 4 for XL/2.
-MDT_DECODE_LAYERS = {"S": 6, "B": 6, "L": 4, "XL": 4, "tiny": 2}
-
-
-def method_defaults(method: str, depth: int, size: str, hidden: int) -> dict[str, Any]:
-    """What distinguishes the methods, for a backbone of `depth` blocks of width `hidden`."""
-    if method == "SD-DiT":
-        return dict(mask_ratio=0.2, decoder_depth=depth // 6, lambda_dis=0.1, mae_weight=0.0,
-                    decoder_fill="noisy", gen_loss_tokens="all",
-                    n_prototypes=8192 if size == "XL" else 4096)
-    if method == "DiT":
-        return dict(mask_ratio=0.0, decoder_depth=0, lambda_dis=0.0, mae_weight=0.0)
-    if method == "MaskDiT":
-        return dict(mask_ratio=0.5, separate_decoder=True, **maskdit_decoder(hidden, depth),
-                    decoder_fill="mask_token", gen_loss_tokens="kept", lambda_dis=0.0,
-                    mae_weight=0.1)
-    if method == "MDT":
-        return dict(backbone="mdt", mask_ratio=0.3, mask_ratio_jitter=0.2,
-                    decoder_depth=MDT_DECODE_LAYERS[size], learned_pos_embed=True,
-                    rel_pos_bias=True, lambda_dis=0.0, mae_weight=0.0, gen_loss_tokens="all")
-    raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-
-
-def tiny_fields(method: str) -> dict[str, Any]:
-    """A CPU-sized model for 32x32 one-channel animal-mnist (256 tokens at patch 2)."""
-    fields = dict(input_size=32, in_channels=1, num_classes=10, patch_size=2, hidden_size=128,
-                  depth=6, num_heads=4, head_hidden_dim=256, head_bottleneck_dim=64,
-                  n_prototypes=512)
-    fields.update(method_defaults(method, 6, "tiny", 128))
-    if method == "SD-DiT":
-        fields["n_prototypes"] = 512
-    return fields
-
-
-_NAME = re.compile(r"^(SD-DiT|DiT|MaskDiT|MDT)-(?:(S|B|L|XL)/(\d+)|(tiny))$")
-
-
-def preset(name: str) -> dict[str, Any]:
-    """Config fields for a name like 'SD-DiT-XL/2', 'MaskDiT-B/4' or 'DiT-tiny'."""
-    match = _NAME.match(name)
-    if match is None:
-        raise ValueError(
-            f"unknown model name {name!r}: expected '<method>-<size>/<patch>' or '<method>-tiny' "
-            f"with method in {METHODS}, size in {tuple(SIZES)}, patch in {PATCHES}"
-        )
-    method, size, patch, tiny = match.groups()
-    if tiny:
-        return dict(method=method, **tiny_fields(method))
-    if int(patch) not in PATCHES:
-        raise ValueError(f"unknown patch size in {name!r}: expected one of {PATCHES}")
-    hidden, depth, heads = SIZES[size]
-    fields = dict(method=method, patch_size=int(patch), hidden_size=hidden, depth=depth,
-                  num_heads=heads)
-    fields.update(method_defaults(method, depth, size, hidden))
-    return fields
-
-
-def make_config(name: str, **overrides: Any) -> ModelConfig:
-    valid = [f.name for f in dataclasses.fields(ModelConfig)]
-    unknown = sorted(set(overrides) - set(valid))
-    if unknown:
-        raise ValueError(f"unknown model config field(s) {unknown}; valid fields: {valid}")
-    fields = preset(name)
-    if "method" in overrides and overrides["method"] != fields["method"]:
-        raise ValueError(f"override method={overrides['method']!r} contradicts the name {name!r}")
-    fields.update(overrides)
-    return ModelConfig(**fields)

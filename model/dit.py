@@ -1,11 +1,9 @@
-"""The DiT backbone shared by SD-DiT, DiT and MaskDiT: F(x_in, c_noise, y).
+"""The DiT backbone shared by SD-DiT, DiT and MaskDiT: F(x_in, c_noise, y), through the
+stages of `model.backbone.Backbone` (embed, encode kept tokens, decode to all, final).
 
-Stages, each a method so that the training losses can run them on chosen tokens:
-    embed      x_in [B, C, H, W]         -> tokens [B, L, D]   (patches + sin-cos position)
-    condition  c_noise [B], y [B]        -> c [B, D]
-    encode     tokens [B, T, D], c       -> z [B, T, D]        (T = L, or the kept L_keep)
-    decode     z, c, ids_keep, tokens    -> F [B, C, H, W]     (full L-token sequence)
-The decoder is either the last `decoder_depth` blocks of the depth at hidden width, or
+Tokens are patches plus a fixed sin-cos position. At masked positions the decoder starts
+from the student's own noisy tokens (decoder_fill='noisy') or a learned mask token. The
+decoder is either the last `decoder_depth` blocks of the depth at hidden width, or
 (separate_decoder) extra blocks of decoder_width behind MaskDiT's `DecoderLayer`
 (LayerNorm without affine, adaLN(c) shift/scale, Linear D -> decoder_width; adaLN and
 Linear start at zero) and a fixed sin-cos decoder position embedding, as in the public
@@ -18,8 +16,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from model.backbone import Backbone
 from model.config import ModelConfig
 from model.layers import (
+    Branch,
     DiTBlock,
     FinalLayer,
     LabelEmbedder,
@@ -28,6 +28,7 @@ from model.layers import (
     modulate_norm,
     run_blocks,
     scatter_tokens,
+    settle,
     sincos_pos_embed_2d,
     unpatchify,
 )
@@ -48,7 +49,7 @@ class DecoderLayer(nn.Module):
         return self.linear(modulate_norm(z, shift, scale, fused))  # [B, T, Dd]
 
 
-class DiTBackbone(nn.Module):
+class DiTBackbone(Backbone):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         cfg = self.config = config
@@ -101,21 +102,21 @@ class DiTBackbone(nn.Module):
         if self.mask_token is not None:
             nn.init.normal_(self.mask_token, std=0.02)
 
-    def embed(self, x_in: torch.Tensor) -> torch.Tensor:
-        return self.x_embedder(x_in) + self.pos_embed  # [B, L, D]
+    def embed(self, x_in: torch.Tensor, c_noise: torch.Tensor, y: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.x_embedder(x_in) + self.pos_embed  # [B, L, D]
+        return tokens, self.t_embedder(c_noise) + self.y_embedder(y)  # c [B, D]
 
-    def condition(self, c_noise: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.t_embedder(c_noise) + self.y_embedder(y)  # [B, D]
+    def encode(self, tokens: torch.Tensor, c: torch.Tensor,
+               ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The tokens carry their positions already, so ids_keep is not needed here."""
+        return settle(*run_blocks(self.encoder, tokens, c, self.fused))  # [B, T, D]
 
-    def encode(self, tokens: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        z, _ = run_blocks(self.encoder, tokens, c, self.fused)  # [B, T, D]
-        return z
-
-    def decode(self, z: torch.Tensor, c: torch.Tensor, ids_keep: torch.Tensor | None = None,
-               tokens: torch.Tensor | None = None) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, c: torch.Tensor, ids_keep: torch.Tensor | None,
+               tokens: torch.Tensor) -> tuple[Branch | None, torch.Tensor]:
         """z: encoder output [B, T, D] at ids_keep (T = L when ids_keep is None); tokens:
         the student view's token embeddings [B, L, D], the 'noisy' fill."""
-        cfg, L = self.config, self.config.num_tokens
+        L = self.config.num_tokens
         if ids_keep is not None and self.mask_token is None:
             z = scatter_tokens(z, ids_keep, tokens, L, self.fused)  # [B, L, D]
             ids_keep = None
@@ -125,10 +126,9 @@ class DiTBackbone(nn.Module):
             z = scatter_tokens(z, ids_keep, self.mask_token, L, self.fused)  # [B, L, Dd]
         if self.decoder_pos_embed is not None:
             z = z + self.decoder_pos_embed  # mask tokens learn where they are from this
-        _, h = run_blocks(self.decoder, z, c, self.fused, tail=self.final_layer.modulation(c))
-        return unpatchify(self.final_layer(h), cfg.patch_size, cfg.in_channels)  # [B, C, H, W]
+        return run_blocks(self.decoder, z, c, self.fused)  # [B, L, Dd], last add pending
 
-    def forward(self, x_in: torch.Tensor, c_noise: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Inference: every token through the encoder and decoder, no mask."""
-        c = self.condition(c_noise, y)
-        return self.decode(self.encode(self.embed(x_in), c), c)
+    def final(self, branch: Branch | None, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        out = self.final_layer(branch, x, c, self.fused)  # [B, L, p*p*C]
+        return unpatchify(out, cfg.patch_size, cfg.in_channels)  # [B, C, H, W]

@@ -112,7 +112,7 @@ def parameter_count(cfg: ModelConfig) -> dict[str, int]:
     'trainable' (student: everything an optimiser updates) and 'teacher' (SD-DiT's EMA copy)."""
     import torch
 
-    from model.methods import DiffusionTransformer
+    from model.network import DiffusionTransformer
 
     with torch.device("meta"):
         net = DiffusionTransformer(cfg)
@@ -126,7 +126,8 @@ def method_table(methods: tuple[str, ...] | None = None,
     """One row per method x size of the ImageNet-256 presets: trainable parameters, encoder
     tokens in training (per forward: MDT runs an unmasked and a masked one), and GFLOPs per
     image (training step and inference forward)."""
-    from model.config import METHODS, make_config
+    from model.methods import METHODS
+    from model.presets import make_config
 
     rows = []
     for method in methods or METHODS:

@@ -11,14 +11,13 @@
 from __future__ import annotations
 
 import copy
-import math
+from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from model.layers import gather_tokens, run_blocks
+from model.layers import gather_tokens, run_blocks, settle
 
 
 class DiscriminativeHead(nn.Module):
@@ -81,7 +80,7 @@ class EMATeacher(nn.Module):
         same kept logits)."""
         tokens = self.x_embedder(x_in) + pos_embed  # [B, L, D]: every token
         c = self.t_embedder(c_noise) + self.y_embedder(y)  # [B, D]
-        z, _ = run_blocks(self.encoder, tokens, c, fused)  # [B, L, D]
+        z = settle(*run_blocks(self.encoder, tokens, c, fused))  # [B, L, D]
         if ids_keep is None:
             logits = self.head(z)  # [B, L, K]
             return logits, logits
@@ -92,23 +91,9 @@ class EMATeacher(nn.Module):
         return kept, kept
 
 
-def cosine_momentum(step: int, total_steps: int, start: float, end: float) -> float:
-    """Cosine from start (step 0) to end (step total_steps and after), iBOT/DINO style."""
-    progress = min(max(step / max(total_steps, 1), 0.0), 1.0)
-    return end - (end - start) * (math.cos(math.pi * progress) + 1) / 2
-
-
-def teacher_temperature(step: int, total_steps: int, start: float, end: float,
-                        warmup_frac: float) -> float:
-    """Linear warm-up from start to end over the first warmup_frac of training."""
-    warmup = warmup_frac * total_steps
-    if warmup <= 0:
-        return end
-    return start + (end - start) * min(1.0, max(0.0, step / warmup))
-
-
 def self_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                           center: torch.Tensor, tau_s: float, tau_t: torch.Tensor
+                           center: torch.Tensor, tau_s: float,
+                           tau_t: float | torch.Tensor
                            ) -> torch.Tensor:
     """Mean over samples and tokens of -sum_k p_t log p_s; logits [B, T, K], center [K]."""
     targets = ((teacher_logits.float() - center) / tau_t).softmax(dim=-1)  # [B, T, K]
@@ -117,10 +102,12 @@ def self_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.T
 
 
 @torch.no_grad()
-def update_center_(center: torch.Tensor, teacher_logits: torch.Tensor, momentum: float) -> None:
-    """center <- m center + (1 - m) batch mean of teacher logits, averaged over ranks."""
+def update_center_(center: torch.Tensor, teacher_logits: torch.Tensor, momentum: float,
+                   mean_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
+    """center <- m center + (1 - m) batch mean of teacher logits; with data parallelism
+    the batch mean is averaged over ranks by `mean_over_ranks`, which the training side
+    supplies (model/ imports nothing distributed)."""
     batch_center = teacher_logits.float().flatten(0, -2).mean(dim=0)  # [K]
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(batch_center)
-        batch_center /= dist.get_world_size()
+    if mean_over_ranks is not None:
+        batch_center = mean_over_ranks(batch_center)
     center.mul_(momentum).add_(batch_center, alpha=1.0 - momentum)

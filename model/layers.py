@@ -1,7 +1,10 @@
 """DiT building blocks: embedders, the adaLN-Zero block, the final layer, token ops.
 
-Every op that has a fused kernel comes in two numerically equivalent paths, picked by
-`fused`: plain torch (the reference) or `sdkernels` (Triton on CUDA / the interpreter).
+Every op that has a fused kernel is called through one function here that picks, by
+`fused`, the sdkernels op (Triton on CUDA / the interpreter) or that op's reference
+(`sdkernels.<op>_ref`, plain torch that torch.compile sees through): the one reference
+the kernel tests hold the kernels to. sdkernels is imported on first use, so that
+`import model` does not import triton (TRITON_INTERPRET must be set before that).
 Weights are initialised in one place, `DiffusionTransformer.initialize_weights`.
 """
 
@@ -11,7 +14,6 @@ import math
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from model.attention import Attention
@@ -34,59 +36,55 @@ def _compute_dtype(x: torch.Tensor, branch: torch.Tensor) -> torch.dtype:
 
 def modulate_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, fused: bool
                   ) -> torch.Tensor:
-    """LayerNorm(x) * (1 + scale) + shift; x [B, T, D], shift/scale [B, D]. Fused, the
-    result takes shift/scale's (compute) dtype."""
-    if fused:
-        import sdkernels
+    """LayerNorm(x) * (1 + scale) + shift; x [B, T, D], shift/scale [B, D]. The result
+    takes shift/scale's (compute) dtype."""
+    import sdkernels
 
-        dtype = _compute_dtype(x, shift)
-        return sdkernels.adaln_modulate(x, shift.to(dtype), scale.to(dtype), LN_EPS)
-    h = F.layer_norm(x, x.shape[-1:], eps=LN_EPS)  # [B, T, D]
-    return h * (1 + scale[:, None]) + shift[:, None]
+    dtype = _compute_dtype(x, shift)
+    op = sdkernels.adaln_modulate if fused else sdkernels.adaln_modulate_ref
+    return op(x, shift.to(dtype), scale.to(dtype), LN_EPS)
 
 
 def residual_gate_norm(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor,
-                       shift: torch.Tensor | None, scale: torch.Tensor | None, fused: bool
-                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """x + gate * y, and the next sub-block's modulated input when shift/scale are given.
-    The residual stream keeps x's dtype; `.to` below is a no-op in the usual layouts."""
-    if shift is None or scale is None:
-        if x.dtype != torch.float32:  # keep a low-precision stream in its own dtype
-            y, gate = y.to(x.dtype), gate.to(x.dtype)
-        # No cast kernel of y: the product stays in y's dtype and the add promotes to x's
-        # fp32 on the fly (addcmul would be cast by autocast, which "promotes" it).
-        return x + gate[:, None].to(y.dtype) * y, None
-    if fused:
-        import sdkernels
+                       shift: torch.Tensor, scale: torch.Tensor, fused: bool
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + gate * y, its modulated norm) in one pass: the seam between two sub-blocks.
+    The residual stream keeps x's dtype, the norm takes the compute dtype."""
+    import sdkernels
 
-        dtype = _compute_dtype(x, y)
-        return sdkernels.residual_gate_adaln(x, *(t.to(dtype) for t in (y, gate, shift, scale)),
-                                             eps=LN_EPS)
-    x = x + gate[:, None] * y  # [B, T, D]
-    return x, modulate_norm(x, shift, scale, fused=False)
+    dtype = _compute_dtype(x, y)
+    op = sdkernels.residual_gate_adaln if fused else sdkernels.residual_gate_adaln_ref
+    return op(x, *(t.to(dtype) for t in (y, gate, shift, scale)), eps=LN_EPS)
+
+
+def add_gated(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """x + gate * y where no norm follows (a stack's output), in x's dtype."""
+    if x.dtype != torch.float32:  # keep a low-precision stream in its own dtype
+        y, gate = y.to(x.dtype), gate.to(x.dtype)
+    # No cast kernel of y: the product stays in y's dtype and the add promotes to x's
+    # fp32 on the fly (addcmul would be cast by autocast, which "promotes" it).
+    return x + gate[:, None].to(y.dtype) * y
 
 
 def gather_tokens(x: torch.Tensor, ids_keep: torch.Tensor, fused: bool) -> torch.Tensor:
     """x [B, L, D], ids_keep [B, K] -> [B, K, D]."""
-    if fused:
-        import sdkernels
+    import sdkernels
 
+    if fused:
         return sdkernels.gather_tokens(x, ids_keep, check_ids=False)  # ids from argsort
-    return torch.gather(x, 1, ids_keep[:, :, None].expand(-1, -1, x.shape[-1]))
+    return sdkernels.gather_tokens_ref(x, ids_keep)
 
 
 def scatter_tokens(x_keep: torch.Tensor, ids_keep: torch.Tensor, fill: torch.Tensor,
                    length: int, fused: bool) -> torch.Tensor:
     """x_keep [B, K, D] at ids_keep; every other position of the [B, L, D] output is `fill`
     ([B, L, D] noisy tokens, or a [D] mask token)."""
-    if fused:
-        import sdkernels
+    import sdkernels
 
-        return sdkernels.scatter_tokens(x_keep, ids_keep, fill.to(x_keep.dtype), length,
-                                       check_ids=False)
-    B, _, D = x_keep.shape
-    base = fill.to(x_keep.dtype).expand(B, length, D)  # [B, L, D]
-    return base.scatter(1, ids_keep[:, :, None].expand(-1, -1, D), x_keep)
+    fill = fill.to(x_keep.dtype)
+    if fused:
+        return sdkernels.scatter_tokens(x_keep, ids_keep, fill, length, check_ids=False)
+    return sdkernels.scatter_tokens_ref(x_keep, ids_keep, fill, length)
 
 
 def random_keep_ids(batch: int, length: int, num_kept: int, device: torch.device) -> torch.Tensor:
@@ -176,19 +174,35 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class Modulation(NamedTuple):
-    shift_msa: torch.Tensor  # each [B, D]
-    scale_msa: torch.Tensor
-    gate_msa: torch.Tensor
-    shift_mlp: torch.Tensor
-    scale_mlp: torch.Tensor
-    gate_mlp: torch.Tensor
+class Branch(NamedTuple):
+    """A sub-block's output that is gated but not yet added to the residual stream. The
+    layer after it adds it in the same pass as its own adaLN (`add_and_modulate`): the
+    adaLN-Zero form of flash-attn's prenorm blocks, which return (hidden, residual) and let
+    the next block do the fused add + norm with its own parameters."""
+
+    y: torch.Tensor  # [B, T, D] the branch output (attention or MLP)
+    gate: torch.Tensor  # [B, D] its adaLN-Zero gate
+
+
+def add_and_modulate(branch: Branch | None, x: torch.Tensor, shift: torch.Tensor,
+                     scale: torch.Tensor, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + gate * y, its modulated norm) in one fused pass; the norm of x alone when
+    nothing is pending (the first layer of a stack)."""
+    if branch is None:
+        return x, modulate_norm(x, shift, scale, fused)
+    return residual_gate_norm(x, branch.y, branch.gate, shift, scale, fused)
+
+
+def settle(branch: Branch | None, x: torch.Tensor) -> torch.Tensor:
+    """The residual stream with the pending branch added, where no norm follows."""
+    return x if branch is None else add_gated(x, branch.y, branch.gate)
 
 
 class DiTBlock(nn.Module):
-    """adaLN-Zero transformer block. The caller passes this block's modulated attention
-    input h and the next sub-block's (shift, scale), so that each residual add is fused
-    with the following adaLN (`residual_gate_norm`)."""
+    """adaLN-Zero transformer block, prenorm style: it takes the previous layer's pending
+    branch and the residual stream, adds the one to the other fused with its own first
+    adaLN, and returns its MLP branch still pending, so that every residual add runs fused
+    with the adaLN after it while each block uses only its own modulation."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, cond_dim: int,
                  attention: str) -> None:
@@ -197,47 +211,40 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 6 * dim))
 
-    def modulation(self, c: torch.Tensor) -> Modulation:
-        return Modulation(*self.adaLN_modulation(c).chunk(6, dim=-1))  # 6 x [B, D]
-
-    def forward(self, x: torch.Tensor, h: torch.Tensor, mod: Modulation,
-                next_shift_scale: tuple[torch.Tensor, torch.Tensor] | None, fused: bool
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        x, h = residual_gate_norm(x, self.attn(h), mod.gate_msa, mod.shift_mlp, mod.scale_mlp,
-                                  fused)
-        shift, scale = next_shift_scale if next_shift_scale is not None else (None, None)
-        return residual_gate_norm(x, self.mlp(h), mod.gate_mlp, shift, scale, fused)
+    def forward(self, branch: Branch | None, x: torch.Tensor, c: torch.Tensor, fused: bool
+                ) -> tuple[Branch, torch.Tensor]:
+        """branch: the previous layer's, or None; x [B, T, D]; c [B, Dc]."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+            self.adaLN_modulation(c).chunk(6, dim=-1))  # 6 x [B, D]
+        x, h = add_and_modulate(branch, x, shift_msa, scale_msa, fused)
+        x, h = residual_gate_norm(x, self.attn(h), gate_msa, shift_mlp, scale_mlp, fused)
+        return Branch(self.mlp(h), gate_mlp), x
 
 
-def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, c: torch.Tensor, fused: bool,
-               tail: tuple[torch.Tensor, torch.Tensor] | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run a stack on x [B, T, D] under conditioning c [B, Dc]. Returns the residual stream
-    and, when `tail` (shift, scale) is given, its modulated norm for the layer that follows."""
-    if len(blocks) == 0:
-        return x, (modulate_norm(x, *tail, fused) if tail is not None else None)
-    mods = [block.modulation(c) for block in blocks]
-    h = modulate_norm(x, mods[0].shift_msa, mods[0].scale_msa, fused)  # [B, T, D]
-    for i, (block, mod) in enumerate(zip(blocks, mods, strict=True)):
-        nxt = (mods[i + 1].shift_msa, mods[i + 1].scale_msa) if i + 1 < len(blocks) else tail
-        x, h = block(x, h, mod, nxt, fused)
-    return x, h
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, c: torch.Tensor, fused: bool
+               ) -> tuple[Branch | None, torch.Tensor]:
+    """A stack on x [B, T, D] under conditioning c [B, Dc]: (its last branch, still
+    pending, and the residual stream). `settle` them, or hand them to the next layer."""
+    branch = None
+    for block in blocks:
+        branch, x = block(branch, x, c, fused)
+    return branch, x
 
 
 class FinalLayer(nn.Module):
-    """adaLN (shift, scale) of the last hidden state, then a linear map to p*p*C per token."""
+    """adaLN (shift, scale) of the last hidden state (fused with the pending residual add),
+    then a linear map to p*p*C per token."""
 
     def __init__(self, dim: int, patch_size: int, out_channels: int, cond_dim: int) -> None:
         super().__init__()
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * dim))
         self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
 
-    def modulation(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, branch: Branch | None, x: torch.Tensor, c: torch.Tensor, fused: bool
+                ) -> torch.Tensor:
+        """branch, x: the decoder's output [B, L, D] -> [B, L, p*p*C]."""
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)  # 2 x [B, D]
-        return shift, scale
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """h: the modulated norm [B, L, D] -> [B, L, p*p*C]."""
+        _, h = add_and_modulate(branch, x, shift, scale, fused)
         return self.linear(h)
 
 

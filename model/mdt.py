@@ -29,28 +29,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.backbone import Backbone
 from model.config import ModelConfig
 from model.layers import (
+    Branch,
     FinalLayer,
     LabelEmbedder,
     Mlp,
     PatchEmbed,
     TimestepEmbedder,
+    add_gated,
     modulate_norm,
     residual_gate_norm,
     scatter_tokens,
     sincos_pos_embed_2d,
     unpatchify,
 )
-
-
-@torch.compiler.disable  # a host-side draw: one graph break, no recompiles of the draw
-def sample_num_kept(config: ModelConfig) -> int:
-    """Tokens the masked pass keeps this step: int(L (1 - r)), r = mask_ratio +
-    U(0, mask_ratio_jitter), drawn from torch's CPU generator (seeded, checkpointed, and no
-    device sync)."""
-    ratio = config.mask_ratio + config.mask_ratio_jitter * torch.rand(()).item()
-    return int(config.num_tokens * (1 - ratio))
 
 
 def relative_position_index(grid: int) -> torch.Tensor:
@@ -129,14 +123,13 @@ class MDTBlock(nn.Module):
             self.adaLN_modulation(c).chunk(6, dim=-1))  # 6 x [B, D]
         h = modulate_norm(x, shift_msa, scale_msa, fused)
         x, h = residual_gate_norm(x, self.attn(h, index), gate_msa, shift_mlp, scale_mlp, fused)
-        x, _ = residual_gate_norm(x, self.mlp(h), gate_mlp, None, None, fused)
-        return x
+        return add_gated(x, self.mlp(h), gate_mlp)
 
 
-class MDTBackbone(nn.Module):
-    """MDTv2's network F(x_in, c_noise, y); the training passes are run by
-    `DiffusionTransformer.training_losses` through `embed`, `condition`, `encode`,
-    `side_interpolate` and `decode`."""
+class MDTBackbone(Backbone):
+    """MDTv2's network F(x_in, c_noise, y) through the stages of `Backbone`: the encoder
+    on the kept tokens, then (masked) the side-interpolater or (all tokens) the decoder
+    positions, the decoder and the final layer."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -196,11 +189,10 @@ class MDTBackbone(nn.Module):
         return [*self.en_inblocks, *self.en_outblocks, *self.sideblocks, *self.de_blocks]
 
     # ------------------------------------------------------------------------- stages
-    def embed(self, x_in: torch.Tensor) -> torch.Tensor:
-        return self.x_embedder(x_in) + self.pos_embed  # [B, L, D]
-
-    def condition(self, c_noise: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.t_embedder(c_noise) + self.y_embedder(y)  # [B, D]
+    def embed(self, x_in: torch.Tensor, c_noise: torch.Tensor, y: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.x_embedder(x_in) + self.pos_embed  # [B, L, D]
+        return tokens, self.t_embedder(c_noise) + self.y_embedder(y)  # c [B, D]
 
     def kept_index(self, ids_keep: torch.Tensor | None) -> torch.Tensor:
         """Relative-position index among the tokens attention sees: [L, L] or [B, K, K]."""
@@ -233,17 +225,19 @@ class MDTBackbone(nn.Module):
         kept.scatter_(1, ids_keep[:, :, None], 1.0)  # [B, L, 1]: 1 at kept tokens
         return x * (1 - kept) + kept * x_before
 
-    def decode(self, x: torch.Tensor, c: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """x [B, L, D] (decoder positions added), tokens: the input embedding [B, L, D]."""
-        cfg = self.config
+    def decode(self, z: torch.Tensor, c: torch.Tensor, ids_keep: torch.Tensor | None,
+               tokens: torch.Tensor) -> tuple[Branch | None, torch.Tensor]:
+        """z: encoder output [B, T, D] at ids_keep (all L when None); tokens: the input
+        embedding [B, L, D], which every decoder block takes as its skip."""
+        if ids_keep is None:  # the unmasked pass and inference: no side-interpolater
+            x = z + self.decoder_pos_embed  # [B, L, D]
+        else:
+            x = self.side_interpolate(z, c, ids_keep)  # [B, L, D]
         for block in self.de_blocks:
             x = block(x, c, self.rel_index, self.fused, skip=tokens)
-        h = modulate_norm(x, *self.final_layer.modulation(c), self.fused)
-        return unpatchify(self.final_layer(h), cfg.patch_size, cfg.in_channels)  # [B, C, H, W]
+        return None, x  # MDT's blocks add their own residuals: nothing pending
 
-    def forward(self, x_in: torch.Tensor, c_noise: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The unmasked pass (inference): every token, no side-interpolater."""
-        c = self.condition(c_noise, y)
-        tokens = self.embed(x_in)
-        x = self.encode(tokens, c) + self.decoder_pos_embed
-        return self.decode(x, c, tokens)
+    def final(self, branch: Branch | None, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        out = self.final_layer(branch, x, c, self.fused)  # [B, L, p*p*C]
+        return unpatchify(out, cfg.patch_size, cfg.in_channels)  # [B, C, H, W]

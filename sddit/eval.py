@@ -107,16 +107,9 @@ def _init_distributed(device_arg: str | None) -> tuple[torch.device, bool]:
 
 def save_grid(images: np.ndarray, path: str | Path) -> None:
     """uint8 [N, C, H, W] -> one PNG, ceil(sqrt(N)) images per row."""
-    from PIL import Image
+    from train.logging_utils import save_tile_grid
 
-    n, c, h, w = images.shape
-    cols = int(np.ceil(np.sqrt(n)))
-    rows = -(-n // cols)
-    grid = np.zeros((rows * h, cols * w, c), dtype=np.uint8)
-    for i, image in enumerate(images):
-        r, q = divmod(i, cols)
-        grid[r * h : (r + 1) * h, q * w : (q + 1) * w] = image.transpose(1, 2, 0)
-    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
+    save_tile_grid(images.transpose(0, 2, 3, 1), str(path), int(np.ceil(np.sqrt(len(images)))))
 
 
 def _summary(record: dict) -> str:

@@ -7,6 +7,7 @@ on a GPU, through the interpreter in tests, and on a plain CPU via the reference
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from collections.abc import Iterator
@@ -24,6 +25,12 @@ _forced: Backend | None = None
 def interpreter_active() -> bool:
     """True when Triton kernels execute through the CPU interpreter."""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.cache
+def sm_count(device_index: int) -> int:
+    """Streaming multiprocessors of a CUDA device: what the launchers size grids by."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:

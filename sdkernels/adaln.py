@@ -45,7 +45,6 @@ Design choices:
   calls run the launchers directly.
 """
 
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -280,11 +279,6 @@ def _sum_chunks_kernel(
 
 
 # ----------------------------------------------------------------------------- launchers
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _tile(T: int, D: int, interpret_rows: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_D, num_warps): full rows in registers; many rows per program
     under the interpreter (about 1 ms per program), about 2048 elements on a GPU."""
@@ -300,7 +294,7 @@ def _chunking(B: int, T: int, block_m: int, device: torch.device) -> tuple[int, 
         rows = 2 * block_m
     else:
         index = device.index if device.index is not None else torch.cuda.current_device()
-        wanted = triton.cdiv(_GPU_PROGRAMS_PER_SM * _sm_count(index), B)
+        wanted = triton.cdiv(_GPU_PROGRAMS_PER_SM * _runtime.sm_count(index), B)
         n_chunks = min(max(1, wanted), triton.cdiv(T, block_m))
         rows = triton.cdiv(triton.cdiv(T, n_chunks), block_m) * block_m
     return rows, triton.cdiv(T, rows)

@@ -86,26 +86,44 @@ def edm_precondition_ref(x0: Tensor, noise: Tensor, sigma: Tensor, sigma_min: fl
     return x_noisy, x_in, c_noise, x_in_teacher
 
 
-def edm_loss_ref(F: Tensor, x_noisy: Tensor, x0: Tensor, sigma: Tensor, sigma_data: float = 0.5,
-                 patch_weight: Tensor | None = None, patch_size: int | None = None) -> Tensor:
-    """Coefficients in fp32, D in F's dtype, squared error and means in fp32."""
-    acc = _coefficient_dtype(F)
-    s = sigma.to(acc)
-    denom = s * s + sigma_data**2
-    c_skip = (sigma_data**2 / denom).to(F.dtype)
-    c_out = (s * sigma_data / denom.sqrt()).to(F.dtype)
-    lam = denom / (s * sigma_data) ** 2  # [B]
-    D = _per_sample(c_skip, F) * x_noisy + _per_sample(c_out, F) * F
-    err = (D - x0).to(acc).square()
-    if patch_weight is None:
-        return lam * err.flatten(1).mean(1)
+def patch_means(err: Tensor, patch_size: int) -> Tensor:
+    """[B, C, H, W] -> [B, L]: the mean of each p x p patch (over channels too), row-major."""
     B, C, H, W = err.shape
     p = patch_size
-    per_patch = err.reshape(B, C, H // p, p, W // p, p).mean(dim=(1, 3, 5)).flatten(1)  # [B, L]
-    w = patch_weight.to(acc)
-    total = w.sum(1)
-    weighted = (w * per_patch).sum(1) / torch.where(total > 0, total, torch.ones_like(total))
-    return lam * weighted
+    return err.reshape(B, C, H // p, p, W // p, p).mean(dim=(1, 3, 5)).flatten(1)
+
+
+def weighted_mean(values: Tensor, weight: Tensor) -> Tensor:
+    """Per-sample weighted mean of values [B, L] under weight [B, L] -> [B]; 0 for a row
+    whose weights are all zero."""
+    w = weight.to(values.dtype)
+    total = w.sum(1)  # [B]
+    return (w * values).sum(1) / torch.where(total > 0, total, torch.ones_like(total))
+
+
+def per_sample_mean(err: Tensor, patch_weight: Tensor | None, patch_size: int | None) -> Tensor:
+    """err [B, ...] -> [B]: the mean over each sample, or with patch_weight [B, L] the
+    weighted mean of its p x p patch means."""
+    if patch_weight is None:
+        return err.flatten(1).mean(1)
+    return weighted_mean(patch_means(err, patch_size), patch_weight)
+
+
+def edm_loss_ref(F: Tensor, x_noisy: Tensor, x0: Tensor, sigma: Tensor, sigma_data: float = 0.5,
+                 patch_weight: Tensor | None = None, patch_size: int | None = None) -> Tensor:
+    """Coefficients in fp32; D - x0 in F's dtype, written as the kernel computes it,
+    c_skip (x_noisy - x0) - (1 - c_skip) x0 + c_out F, so that nothing cancels at small
+    sigma (c_skip -> 1); squares and means in fp32."""
+    acc = _coefficient_dtype(F)
+    s = sigma.to(acc)
+    denom = s * s + sigma_data**2  # [B]
+    c_skip = (sigma_data**2 / denom).to(F.dtype)
+    one_minus_c_skip = (s * s / denom).to(F.dtype)
+    c_out = (s * sigma_data / denom.sqrt()).to(F.dtype)
+    lam = denom / (s * sigma_data) ** 2  # [B]
+    err = (_per_sample(c_skip, F) * (x_noisy - x0) - _per_sample(one_minus_c_skip, F) * x0
+           + _per_sample(c_out, F) * F)  # [B, ...]: D - x0
+    return lam * per_sample_mean(err.to(acc).square(), patch_weight, patch_size)
 
 
 # ----------------------------------------------------------------------------- kernels

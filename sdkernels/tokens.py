@@ -40,8 +40,6 @@ the bf16 sums can differ from torch by one ulp there.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -253,11 +251,6 @@ _TILE_ELEMS_INTERP = 1 << 17  # the interpreter pays per op, not per element: bi
 _INTERP_PROGRAMS = 4  # ~1 ms per program instance under the interpreter
 
 
-@functools.lru_cache(maxsize=8)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _row_blocks(D: int, rows_hint: int, interp: bool,
                 gpu_tile: int = _TILE_ELEMS_GPU) -> tuple[int, int]:
     """(BLOCK_R, BLOCK_D) for kernels that move whole D-wide rows."""
@@ -284,7 +277,7 @@ def _programs(n_tiles: int, interp: bool, device: torch.device, per_sm: int = 0)
     if interp:
         n_prog = min(n_tiles, _INTERP_PROGRAMS)
     elif per_sm:
-        n_prog = min(n_tiles, per_sm * _sm_count(device.index or 0))
+        n_prog = min(n_tiles, per_sm * _runtime.sm_count(device.index or 0))
     else:
         n_prog = n_tiles
     tiles_per_prog = triton.cdiv(n_tiles, n_prog)

@@ -19,7 +19,7 @@ from torch import nn
 
 import metrics
 import model
-from bench import chart
+from bench import chart, chart_run
 
 TOY = ("schedule.batch_size=8", "optim.warmup_steps=1", "schedule.log_every=1",
        "run.progress_bar=false",
@@ -112,7 +112,7 @@ def check_outputs(out: Path, work: Path) -> dict:
 @pytest.mark.timeout(240)
 def test_chart_runs_end_to_end_and_resumes_after_an_interruption(tmp_path, monkeypatch):
     settings = chart.settings_from_args(toy_args(tmp_path))
-    real_evaluate, calls = chart.Evaluator.evaluate, []
+    real_evaluate, calls = chart_run.Evaluator.evaluate, []
 
     def interrupted(self, *args, **kwargs):
         calls.append(args[1])
@@ -120,17 +120,17 @@ def test_chart_runs_end_to_end_and_resumes_after_an_interruption(tmp_path, monke
             raise KeyboardInterrupt  # as if stopped by the user in the middle of the plan
         return real_evaluate(self, *args, **kwargs)
 
-    monkeypatch.setattr(chart.Evaluator, "evaluate", interrupted)
+    monkeypatch.setattr(chart_run.Evaluator, "evaluate", interrupted)
     with pytest.raises(KeyboardInterrupt):
         chart.run_chart_plan(settings, network=stub_network())
     first = sorted((tmp_path / "out" / "points").glob("*.json"))
     assert len(first) == len(model.METHODS)  # every method at step 2
     stamps = {p: p.stat().st_mtime_ns for p in first}
 
-    monkeypatch.setattr(chart.Evaluator, "evaluate", real_evaluate)
+    monkeypatch.setattr(chart_run.Evaluator, "evaluate", real_evaluate)
     trained = []
-    real_train_to = chart.train_to
-    monkeypatch.setattr(chart, "train_to",
+    real_train_to = chart_run.train_to
+    monkeypatch.setattr(chart_run, "train_to",
                         lambda cfg, step: trained.append((cfg.run.dir, step)) or
                         real_train_to(cfg, step))
     chart.run_chart_plan(settings, network=stub_network())
@@ -151,11 +151,11 @@ def test_throughput_windows_drop_warmup_and_redone_steps(tmp_path):
     log.write_text("\n".join(json.dumps(r) for r in records) + "\n")
     # Kept: (0-10 first, 1.0), (10-20, 4.0), then after the resume at 20: (20-30 first, 2.0),
     # (30-40, 3.0). Steady windows leave out each invocation's first.
-    got = chart.throughput_from_log(str(log), 40, batch=8)
+    got = chart_run.throughput_from_log(str(log), 40, batch=8)
     assert got["steps_per_s"] == pytest.approx(3.5) and got["rate_windows"] == 2
     assert got["images_per_s"] == pytest.approx(28.0)
     assert got["train_seconds"] == pytest.approx(10 / 1 + 10 / 4 + 10 / 2 + 10 / 3)
-    assert chart.throughput_from_log(str(log), 20, batch=8)["steps_per_s"] == 4.0
+    assert chart_run.throughput_from_log(str(log), 20, batch=8)["steps_per_s"] == 4.0
 
 
 @pytest.mark.parametrize(("change", "message"), [

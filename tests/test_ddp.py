@@ -29,16 +29,14 @@ class DeterministicNet(nn.Module):
         self.emb = nn.Embedding(10, 24)
         self.dec = nn.Linear(24, 32 * 32)
 
-    def training_losses(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    def training_losses(self, x: torch.Tensor, y: torch.Tensor,
+                        inputs: object = None) -> dict[str, torch.Tensor]:
         flat = x.flatten(1)  # [B, 1024]
         recon = self.dec(torch.tanh(self.enc(flat) + self.emb(y)))  # [B, 1024]
         loss = (recon - flat).square().mean()
         return {"loss": loss, "recon": loss.detach()}
 
     def update_teacher(self, momentum: float) -> None:
-        pass
-
-    def set_progress(self, step: int, total_steps: int) -> None:
         pass
 
 

@@ -10,6 +10,7 @@ import model
 import sdkernels
 from model.attention import Attention
 from model.layers import random_keep_ids
+from train.schedule import cosine
 
 METHODS = ("SD-DiT", "DiT", "MaskDiT")
 # The smallest configs that still exercise every part: 16 tokens of width 64.
@@ -91,36 +92,26 @@ def test_teacher_gets_no_gradients_and_is_no_trainable_parameter() -> None:
     perturb_(net)
     x0, y = batch(net)
     net.training_losses(x0, y)["loss"].backward()
-    teacher = list(net.teacher.parameters())
+    teacher = list(net.method.teacher.parameters())
     assert teacher and all(not p.requires_grad and p.grad is None for p in teacher)
     trainable = {id(p) for p in net.parameters() if p.requires_grad}
     assert not trainable & {id(p) for p in teacher}
-    student = [p for n, p in net.named_parameters() if not n.startswith("teacher.")]
+    student = [p for n, p in net.named_parameters() if not n.startswith("method.teacher.")]
     assert all(p.grad is not None for p in student)
-    assert net.head.prototypes.grad.abs().sum() > 0  # the discriminative loss trains the head
+    assert net.method.head.prototypes.grad.abs().sum() > 0  # the discriminative loss trains it
 
 
 def test_update_teacher_is_exact_ema() -> None:
     net = micro("SD-DiT")
     perturb_(net)  # student and teacher now differ
-    teacher, student = net.teacher.pairs(net.backbone, net.head)
+    teacher, student = net.method.teacher.pairs(net.backbone, net.method.head)
     before = [t.clone() for t in teacher]
     m = 0.9
     net.update_teacher(m)
     for t, t0, s in zip(teacher, before, student, strict=True):
         torch.testing.assert_close(t, m * t0 + (1 - m) * s, rtol=1e-6, atol=1e-7)
-    assert len(teacher) == len(list(net.teacher.parameters()))
+    assert len(teacher) == len(list(net.method.teacher.parameters()))
     model.build("DiT-tiny").update_teacher(0.5)  # a no-op without a teacher
-
-
-def test_teacher_momentum_and_temperature_schedules() -> None:
-    assert model.teacher_momentum(0, 100) == pytest.approx(0.996)
-    assert model.teacher_momentum(50, 100) == pytest.approx(0.998)
-    assert model.teacher_momentum(100, 100) == pytest.approx(1.0)
-    net = micro("SD-DiT")
-    for step, tau in [(0, 0.04), (5, 0.055), (10, 0.07), (80, 0.07)]:
-        net.set_progress(step, 100)
-        assert net.tau_t.item() == pytest.approx(tau)
 
 
 def test_center_moves_only_in_training_mode() -> None:
@@ -129,10 +120,10 @@ def test_center_moves_only_in_training_mode() -> None:
     x0, y = batch(net)
     net.eval()
     net.training_losses(x0, y)
-    assert (net.center == 0).all()
+    assert (net.method.center == 0).all()
     net.train()
     net.training_losses(x0, y)
-    assert net.center.abs().sum() > 0
+    assert net.method.center.abs().sum() > 0
 
 
 @pytest.mark.parametrize("method", ["SD-DiT", "MaskDiT"])
@@ -143,10 +134,10 @@ def test_inference_ignores_teacher_and_draws_no_random_numbers(method: str) -> N
     state = torch.get_rng_state()
     out = net.denoise(x, 1.3, y)
     assert torch.equal(torch.get_rng_state(), state), "inference must not draw masks or noise"
-    if net.teacher is not None:
-        perturb_(net.teacher, scale=1.0)
-        net.teacher.register_forward_pre_hook(lambda *a: pytest.fail("teacher used"))
-        net.head.register_forward_pre_hook(lambda *a: pytest.fail("head used"))
+    if getattr(net.method, "teacher", None) is not None:  # SD-DiT's
+        perturb_(net.method.teacher, scale=1.0)
+        net.method.teacher.register_forward_pre_hook(lambda *a: pytest.fail("teacher used"))
+        net.method.head.register_forward_pre_hook(lambda *a: pytest.fail("head used"))
     torch.testing.assert_close(net.denoise(x, 1.3, y), out, rtol=0, atol=0)
 
 
@@ -185,7 +176,7 @@ def test_tiny_sd_dit_overfits_a_fixed_batch() -> None:
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         opt.step()
-        net.update_teacher(model.teacher_momentum(step, steps))
+        net.update_teacher(cosine(step, steps, 0.996, 1.0))  # the schedule's momentum
         history.append(losses["gen"].item())
     assert history[-1] < 0.3 * history[0], f"gen loss {history[0]:.3f} -> {history[-1]:.3f}"
 
@@ -199,8 +190,9 @@ def test_backbone_parameter_counts_match_dit_paper() -> None:
         assert abs(count - expected) / expected < 0.01, f"DiT-{size}/2: {count / 1e6:.1f}M"
     with torch.device("meta"):
         sd = model.build("SD-DiT-XL/2")
-    student = sum(p.numel() for n, p in sd.named_parameters() if not n.startswith("teacher."))
-    assert student > 675e6 and not any(p.requires_grad for p in sd.teacher.parameters())
+    student = sum(p.numel() for n, p in sd.named_parameters()
+                  if not n.startswith("method.teacher."))
+    assert student > 675e6 and not any(p.requires_grad for p in sd.method.teacher.parameters())
 
 
 @pytest.mark.parametrize("overrides, field", [
@@ -256,3 +248,28 @@ def test_method_registry_and_encoder_patches() -> None:
         net = model.build("SD-DiT-XL/2")
     assert model.encoder_patches(net) == 205
     assert model.encoder_patches(model.make_config("SD-DiT-tiny", mask_ratio=0.0)) == 256
+
+
+def test_prenorm_blocks_compute_dits_block() -> None:
+    """Each block adds the previous block's pending MLP branch fused with its own first
+    adaLN and uses only its own modulation; settled, the stack is DiT's block (models.py:
+    x += gate * branch(modulate(norm(x)))) applied block after block."""
+    from torch.nn.functional import layer_norm
+
+    from model.layers import DiTBlock, run_blocks, settle
+
+    blocks = torch.nn.ModuleList(DiTBlock(32, 2, 2.0, 16, "math") for _ in range(3))
+    perturb_(blocks, 0.2)  # gates and modulation away from their zero init
+    x, c = torch.randn(2, 5, 32), torch.randn(2, 16)
+
+    def modulate(t: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return layer_norm(t, (32,), eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
+
+    expected = x
+    for block in blocks:
+        s_msa, c_msa, g_msa, s_mlp, c_mlp, g_mlp = block.adaLN_modulation(c).chunk(6, dim=-1)
+        expected = expected + g_msa[:, None] * block.attn(modulate(expected, s_msa, c_msa))
+        expected = expected + g_mlp[:, None] * block.mlp(modulate(expected, s_mlp, c_mlp))
+    branch, stream = run_blocks(blocks, x, c, fused=False)
+    assert branch is not None  # the last MLP branch is left for the next layer to add
+    torch.testing.assert_close(settle(branch, stream), expected, rtol=1e-5, atol=1e-6)

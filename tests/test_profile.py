@@ -51,21 +51,21 @@ def test_ranges_are_set_on_the_instances_only_and_removed_afterwards() -> None:
     from torch.profiler import record_function
 
     import model
-    from model.methods import DiffusionTransformer
+    from model.methods import Method
 
     net, other = model.build("SD-DiT-tiny"), model.build("SD-DiT-tiny")
     step_fn = type("Step", (), {"phase_range": staticmethod(record_function)})()
-    default = DiffusionTransformer.phase_range
+    default = Method.phase_range
     x = torch.randn(2, net.config.in_channels, net.config.input_size, net.config.input_size)
     with profile.phase_ranges(net, step_fn, nvtx=False):
-        assert net.phase_range is not default and other.phase_range is default
+        assert net.method.phase_range is not default and other.method.phase_range is default
         assert net.backbone.x_embedder._forward_pre_hooks
         with torch.profiler.profile() as prof:
             net.training_losses(x, torch.tensor([0, 1]))
     names = {e.name for e in prof.events()}
     assert {"phase:noise", "phase:mask", "phase:losses", "phase:embed", "phase:teacher",
             "phase:student_encoder", "phase:decoder", "phase:heads"} <= names
-    assert net.phase_range is default and "phase_range" not in vars(net)
+    assert net.method.phase_range is default and "phase_range" not in vars(net.method)
     assert step_fn.phase_range is record_function
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in net.modules())
     with torch.profiler.profile() as prof:

@@ -357,6 +357,16 @@ def test_sigterm_under_torchrun_saves_one_checkpoint_agreed_by_both_ranks(tmp_pa
     assert end and end[-1]["stopped_by"] == "signal"
 
 
+def step_values(lr: float, teacher_momentum: float, ema_beta: float, net: torch.nn.Module):
+    """A step's train.schedule.StepValues with these scalars and a teacher temperature
+    (0.0625) that fp32 holds exactly, like them."""
+    from model import LossInputs
+    from train.schedule import StepValues
+
+    return StepValues(lr, ema_beta, teacher_momentum,
+                      LossInputs(mask_ratio=net.config.mask_ratio, teacher_temperature=0.0625))
+
+
 def test_the_graphed_step_body_equals_the_eager_step_on_cpu(tmp_path):
     """run.cuda_graphs replays TrainStep's own body through static buffers and tensor
     scalars; without a GPU the same plumbing runs eagerly and must match the plain step
@@ -378,7 +388,7 @@ def test_the_graphed_step_body_equals_the_eager_step_on_cpu(tmp_path):
             x, y = stream.next()
             if k == 2:  # a skipped step goes through the same device-side path
                 x = torch.full_like(x, float("nan"))
-            stats.append(step(x, y, 2.0**-10 * (k + 1), 0.75, 0.5))
+            stats.append(step(x, y, step_values(2.0**-10 * (k + 1), 0.75, 0.5, s.net)))
         runs.append((torch.stack(stats), s.net.state_dict(), s.ema.module.state_dict()))
     (stats_a, net_a, ema_a), (stats_b, net_b, ema_b) = runs
     assert torch.equal(stats_a.nan_to_num(-1), stats_b.nan_to_num(-1))
@@ -427,7 +437,7 @@ def test_a_captured_cuda_graph_step_replays_the_eager_step(tmp_path):
             x, y = (t.to(device) for t in stream.next())
             if k == nan_step:
                 x, before = torch.full_like(x, float("nan")), weights(s.net)
-            stats.append(s.step_fn(x, y, 2.0**-10 * (k + 1), 0.75, 0.5))
+            stats.append(s.step_fn(x, y, step_values(2.0**-10 * (k + 1), 0.75, 0.5, s.net)))
             if k == nan_step:
                 assert torch.equal(weights(s.net), before), f"graphed={graphed}"
         torch.cuda.synchronize()

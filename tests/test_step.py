@@ -25,7 +25,7 @@ def test_report_is_labelled_cpu_and_complete(report: dict) -> None:
     assert report["label"].startswith("CPU")
     assert report["env"]["device"] == "cpu" and report["env"]["commit"]
     assert report["measured_matmul_tflops"] > 0 and report["datasheet_bf16_tflops"] is None
-    from model.config import METHODS
+    from model import METHODS
 
     names = [m["model"] for m in report["methods"]]
     assert names == [f"{method}-tiny" for method in METHODS]
@@ -65,7 +65,7 @@ def test_rig_is_the_loops_train_step() -> None:
     def flat(module: torch.nn.Module) -> torch.Tensor:
         return torch.cat([p.detach().flatten() for p in module.parameters()]).clone()
 
-    parts = {"student": rig.net.backbone, "teacher": rig.net.teacher,
+    parts = {"student": rig.net.backbone, "teacher": rig.net.method.teacher,
              "ema": rig.step_fn.ema.module}
     before = {name: flat(m) for name, m in parts.items()}
     stats = rig.run(0)

@@ -1,5 +1,6 @@
-"""Training: config, the loop and its step, EMA and teacher momentum, checkpoints and resume,
-signals, distributed wrapping, logging and sampling grids.
+"""Training: config, the schedule (each step's lr, EMA decay, teacher momentum and loss
+inputs), the loop and its step, the sampling EMA, checkpoints and resume, signals,
+distributed wrapping, logging and sampling grids.
 
 Layer: sdkernels <- model <- data (train.data) <- **train** (beside metrics) <- bench <- sddit.
 It imports model, sdkernels and train.data; never metrics, bench or sddit. train.data is a

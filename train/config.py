@@ -23,7 +23,10 @@ from train.data import DataConfig
 
 
 @dataclass
-class ModelConfig:
+class ModelSpec:
+    """The [model] section: which network to build. Not model.ModelConfig (every field of
+    the network), which model.build(name, **overrides) makes from it."""
+
     name: str = "SD-DiT-tiny"
     # Passed to model.build(name, **overrides); the model rejects unknown keys.
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -94,7 +97,7 @@ class RunConfig:
 
 @dataclass
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelSpec = field(default_factory=ModelSpec)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)

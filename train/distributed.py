@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from model import LossInputs
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -32,16 +34,20 @@ class DistInfo:
         return self.world_size > 1
 
 
-def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
+def resolve_device(preference: str, local_rank: int = 0, what: str = "run.device"
+                   ) -> torch.device:
+    """'auto' | 'cpu' | 'cuda' -> this rank's device ('auto': CUDA when available). The one
+    place that decides; `what` names the setting in errors (ValueError for a bad value,
+    RuntimeError for 'cuda' without a CUDA device)."""
     if preference == "auto":
         preference = "cuda" if torch.cuda.is_available() else "cpu"
     if preference == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("run.device = 'cuda' but no CUDA device is available")
+            raise RuntimeError(f"{what} = 'cuda' but no CUDA device is available")
         return torch.device("cuda", local_rank)
     if preference == "cpu":
         return torch.device("cpu")
-    raise ValueError(f"run.device must be 'auto', 'cpu' or 'cuda', got {preference!r}")
+    raise ValueError(f"{what} must be 'auto', 'cpu' or 'cuda', got {preference!r}")
 
 
 def init_distributed(device_preference: str = "auto") -> DistInfo:
@@ -121,8 +127,9 @@ class LossModule(nn.Module):
         super().__init__()
         self.net = net
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.net.training_losses(x, y)
+    def forward(self, x: torch.Tensor, y: torch.Tensor, inputs: LossInputs
+                ) -> dict[str, torch.Tensor]:
+        return self.net.training_losses(x, y, inputs)
 
 
 def find_block_lists(net: nn.Module) -> list[nn.ModuleList]:
@@ -162,9 +169,9 @@ def apply_activation_checkpointing(net: nn.Module) -> int:
 def shard_fsdp2(root: nn.Module, info: DistInfo) -> None:
     """FSDP2 shard groups: each sub-layer of each block (its direct children with
     parameters), then the rest under `root`. FSDP2 gathers a group's parameters in its
-    forward hook, so the groups are modules that are called: a model may call parts of a
-    block outside block.forward (DiT's adaLN modulation is precomputed for the fused
-    residual+norm), and `root` must be the module whose forward() runs (the LossModule)."""
+    forward hook, so the groups are modules that are called (a block's attention, MLP and
+    adaLN modulation each are), and `root` must be the module whose forward() runs (the
+    LossModule)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 

@@ -6,7 +6,8 @@ default is EDM's half-life form: after a step of B images,
     beta = 0.5 ** (B / half_life_images),  half_life_images = min(half_life, ramp * seen)
 
 so the average forgets at the same rate in images whatever the batch size, and the
-ramp-up stops the random initialisation from lingering early in training.
+ramp-up stops the random initialisation from lingering early in training. The decay of
+each step comes from the training schedule (`train.schedule.ema_beta`).
 """
 
 from __future__ import annotations
@@ -15,21 +16,6 @@ import copy
 
 import torch
 from torch import nn
-
-from train.config import EMAConfig
-
-
-def ema_beta(cfg: EMAConfig, images_seen: int, batch_size: int) -> float:
-    """The decay for one step of `batch_size` images after `images_seen` images."""
-    if cfg.decay > 0:
-        return cfg.decay
-    half_life = cfg.half_life_kimg * 1000.0
-    if cfg.rampup_ratio > 0:
-        half_life = min(half_life, images_seen * cfg.rampup_ratio)
-    if half_life <= 0:
-        return 0.0
-    return 0.5 ** (batch_size / half_life)
-
 
 _WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
 

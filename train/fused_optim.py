@@ -5,7 +5,7 @@ fallback where Triton cannot run.
 Use (the loop's order of updates, in one call):
 
     opt = FusedAdamWEMA(params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                        teacher_pairs=zip(*net.teacher.pairs(net.backbone, net.head)),
+                        teacher_pairs=net.teacher_pairs(),
                         ema_pairs=zip(ema_params, live_params), teacher_shadow=True)
     loss.backward()
     opt.step(lr, teacher_momentum=m, ema_beta=beta, found_inf=found_inf)
@@ -196,10 +196,7 @@ def sddit_pairs(net: nn.Module, ema_module: nn.Module | None = None
     the student tensors `net.update_teacher` averages (none without a teacher), and the
     sampling EMA copy's parameters with the net's trainable parameters of the same name,
     as `train.ema.SamplingEMA.update` pairs them (none without `ema_module`)."""
-    teacher_pairs: list[Pair] = []
-    if getattr(net, "teacher", None) is not None:
-        teachers, students = net.teacher.pairs(net.backbone, net.head)
-        teacher_pairs = list(zip(teachers, students, strict=True))
+    teacher_pairs: list[Pair] = net.teacher_pairs()
     ema_pairs: list[Pair] = []
     if ema_module is not None:
         from train.ema import clean_name

@@ -5,8 +5,9 @@ masks of a fixed size per preset the step is shape-static, so it can be captured
 replayed with one launch. What is captured is TrainStep's own body (train/step.py), not a
 copy of it, driven through static buffers:
 - the batch is copied into fixed input tensors before each replay;
-- the step's scalars (lr, teacher momentum, EMA beta) live in device tensors filled before
-  each replay, so a schedule keeps moving while the graph stays the same;
+- the step's scalars (lr, teacher momentum, EMA beta, teacher temperature) live in device
+  tensors filled before each replay, so the schedule keeps moving while the graph stays
+  the same (a mask ratio that changes would change shapes: that is refused);
 - noise and masks are drawn inside the graph from the CUDA generator (graph-safe: each
   replay advances its offset);
 - the statistics vector is cloned after each replay, since the next one overwrites it.
@@ -25,7 +26,9 @@ from __future__ import annotations
 
 import torch
 
+from model import LossInputs
 from train.config import Config, ConfigError, compile_mode
+from train.schedule import StepValues
 from train.step import TrainStep
 
 WARMUP_STEPS = 3  # eager steps (real ones) on a side stream before capture
@@ -52,7 +55,7 @@ def check_cuda_graphs(cfg: Config, device: torch.device, world_size: int) -> Non
 
 
 class GraphedStep:
-    """Same call as TrainStep: (x, y, lr, teacher_momentum, ema_beta) -> device stats.
+    """Same call as TrainStep: (x, y, StepValues) -> device stats.
 
     The first WARMUP_STEPS calls are ordinary eager steps (on a side stream, with their own
     batches), so that lazy allocations and autotuning happen before capture; the next call
@@ -67,7 +70,9 @@ class GraphedStep:
                               "step (mask_ratio_jitter > 0), so its step cannot be captured")
         self.step, self.capture = step, capture
         device = step.params[0].device
-        self.scalars = torch.zeros(3, dtype=torch.float32, device=device)  # lr, m, beta
+        # lr, teacher momentum, EMA beta, teacher temperature
+        self.scalars = torch.zeros(4, dtype=torch.float32, device=device)
+        self.mask_ratio: float | None = None  # the captured graph's
         self.x: torch.Tensor | None = None
         self.y: torch.Tensor | None = None
         self.stats: torch.Tensor | None = None
@@ -83,17 +88,23 @@ class GraphedStep:
         return self.step.params
 
     def _body(self) -> torch.Tensor:
-        lr, momentum, beta = self.scalars[0], self.scalars[1], self.scalars[2]
-        return self.step(self.x, self.y, lr, momentum, beta)
+        lr, momentum, beta, temperature = self.scalars.unbind()
+        inputs = LossInputs(mask_ratio=self.mask_ratio, teacher_temperature=temperature)
+        return self.step(self.x, self.y, StepValues(lr, beta, momentum, inputs))
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float, teacher_momentum: float,
-                 ema_beta: float) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, values: StepValues) -> torch.Tensor:
         if self.x is None:
             self.x, self.y = torch.empty_like(x), torch.empty_like(y)
+            self.mask_ratio = values.loss.mask_ratio
+        if values.loss.mask_ratio != self.mask_ratio:
+            raise ConfigError(f"run.cuda_graphs: the mask ratio moved from {self.mask_ratio} to "
+                              f"{values.loss.mask_ratio}, which changes the captured shapes")
         self.x.copy_(x)
         self.y.copy_(y)
         # fill_ takes the value as a launch argument: no host sync, no host buffer to race.
-        for i, value in enumerate((lr, teacher_momentum, ema_beta)):
+        scalars = (values.lr, values.teacher_momentum, values.ema_beta,
+                   values.loss.teacher_temperature)
+        for i, value in enumerate(scalars):
             self.scalars[i].fill_(value)
         self.calls += 1
         if not self.capture:

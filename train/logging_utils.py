@@ -140,17 +140,26 @@ def to_uint8_images(images: torch.Tensor) -> np.ndarray:
 
 def save_image_grid(images: torch.Tensor, path: str, ncols: int, scale: int = 1,
                     pad: int = 1) -> str:
-    """Tiles [N, C, H, W] images row by row into a PNG; `scale` enlarges small images."""
+    """Tiles float [N, C, H, W] images in [-1, 1] row by row into a PNG; `scale` enlarges
+    small images."""
+    ncols = max(1, min(ncols, len(images)))
+    return save_tile_grid(to_uint8_images(images), path, ncols, scale, gap=pad, border=pad)
+
+
+def save_tile_grid(tiles: np.ndarray, path: str, ncols: int, scale: int = 1, gap: int = 0,
+                   border: int = 0) -> str:
+    """Tiles uint8 [N, H, W, C] images row by row, `ncols` to a row, into a PNG: `gap`
+    pixels between tiles, `border` around them; `scale` enlarges small images. The one
+    grid writer (sampling, training, `sddit eval` and the chart)."""
     from PIL import Image
 
-    tiles = to_uint8_images(images)  # [N, H, W, C]
     n, h, w, c = tiles.shape
-    ncols = max(1, min(ncols, n))
     nrows = math.ceil(n / ncols)
-    canvas = np.zeros((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), dtype=np.uint8)
+    canvas = np.zeros((nrows * (h + gap) - gap + 2 * border,
+                       ncols * (w + gap) - gap + 2 * border, c), dtype=np.uint8)
     for i in range(n):
         r, col = divmod(i, ncols)
-        top, left = pad + r * (h + pad), pad + col * (w + pad)
+        top, left = border + r * (h + gap), border + col * (w + gap)
         canvas[top:top + h, left:left + w] = tiles[i]
     image = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
     if scale > 1:

@@ -9,9 +9,11 @@ idled mid-step. A non-finite loss or gradient skips that step's updates on the d
 batch is consumed) and is logged; `optim.max_consecutive_nonfinite` in a row stop the run at
 the next log step.
 
-Schedules (lr warm-up, teacher temperature and momentum) follow the run's planned length:
-`schedule.total_steps`, or for a run bounded by `schedule.max_minutes`, the steps that the
-measured rate fits into the budget.
+What changes with the step (lr, sampling EMA decay, teacher momentum and temperature, mask
+ratio) comes from one object, train/schedule.py's Schedule: the loop asks it once per step
+and hands the values to the step, which hands the loss its part. The schedule follows the
+run's planned length: `schedule.total_steps`, or for a run bounded by
+`schedule.max_minutes`, the steps that the measured rate fits into the budget.
 
 Resume is exact: the checkpoint carries the step, every rank's RNG states and the data
 position (epoch, batches consumed); the data source starts at that position and the RNG
@@ -38,7 +40,7 @@ from torch import nn
 from train import checkpoint as ckpt
 from train import distributed as D
 from train.config import Config, ConfigError, save_resolved, to_dict
-from train.ema import SamplingEMA, ema_beta
+from train.ema import SamplingEMA
 from train.execution import (
     ExecutionPlan,
     PrecisionChoice,
@@ -48,13 +50,9 @@ from train.execution import (
 )
 from train.graphs import GraphedStep, check_cuda_graphs
 from train.logging_utils import GpuTelemetry, MetricsLogger, plot_loss_curve, read_jsonl
-from train.optim import (
-    build_fused_optimizer,
-    build_optimizer,
-    learning_rate,
-    wants_fused_optimizer,
-)
+from train.optim import build_fused_optimizer, build_optimizer, wants_fused_optimizer
 from train.resume import config_changes, plan_resume
+from train.schedule import Schedule
 from train.signals import StopSignals
 from train.step import StepSettings, TrainStep
 
@@ -129,6 +127,7 @@ class Session:
     net: nn.Module
     ema: SamplingEMA
     optimizer: torch.optim.Optimizer
+    schedule: Schedule
     step_fn: TrainStep | GraphedStep
     build_record: dict
     logger: MetricsLogger
@@ -248,7 +247,7 @@ def set_up(cfg: Config, info: D.DistInfo, net: nn.Module | None, batches,
         step_fn = GraphedStep(step_fn)
     telemetry = GpuTelemetry(device)
     notes = notes + logger.notes + ([telemetry.note] if telemetry.note else [])
-    return Session(cfg, info, batches, net, ema, optimizer, step_fn,
+    return Session(cfg, info, batches, net, ema, optimizer, Schedule.from_config(cfg), step_fn,
                    {"name": cfg.model.name, "overrides": overrides}, logger, telemetry, notes,
                    owns_batches, execution)
 
@@ -316,14 +315,6 @@ class PlannedLength:
         return self.budget_s > 0 and time.monotonic() - self.start_time >= self.budget_s
 
 
-def _teacher_momentum(net: nn.Module, step: int, planned: int) -> float:
-    if hasattr(net, "teacher_momentum"):
-        return float(net.teacher_momentum(step, planned))
-    import model
-
-    return model.teacher_momentum(step, planned)
-
-
 # ----------------------------------------------------------------------------- logging
 
 
@@ -385,7 +376,7 @@ class StatsWindow:
             batch = s.cfg.schedule.batch_size
             s.logger.log({"event": "train", "step": p.step, "loss": mean[0],
                           **{f"loss/{k}": v for k, v in zip(names, mean[1:-2], strict=True)},
-                          "grad_norm": mean[-2], "lr": learning_rate(s.cfg.optim, p.step - 1),
+                          "grad_norm": mean[-2], "lr": s.schedule.at(p.step - 1, planned).lr,
                           "steps_per_s": rate, "images_per_s": rate * batch,
                           "images_seen": p.images_seen, "epoch": epoch, "planned_steps": planned,
                           "skipped_steps": p.skipped, **s.telemetry.read()})
@@ -501,10 +492,7 @@ def _run_steps(s: Session, p: Progress, stop_after: int | None, signals: StopSig
         while p.step < sched.total_steps:
             x, y = stream.next()
             plan = planned(p.step)
-            s.net.set_progress(p.step, plan)
-            stats = s.step_fn(x, y, learning_rate(cfg.optim, p.step),
-                              _teacher_momentum(s.net, p.step, plan),
-                              ema_beta(cfg.ema, p.images_seen, sched.batch_size))
+            stats = s.step_fn(x, y, s.schedule.at(p.step, plan))
             window.append(p.step, stats)
             p.step += 1
             p.images_seen += sched.batch_size

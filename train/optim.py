@@ -1,4 +1,5 @@
-"""Optimizer and learning-rate schedule: AdamW with a linear warmup, then constant."""
+"""The optimizer: AdamW (torch's fused, apex FusedAdam, or the one-pass FusedAdamWEMA).
+Its learning rate per step comes from the training schedule (train/schedule.py)."""
 
 from __future__ import annotations
 
@@ -23,13 +24,6 @@ def build_optimizer(params: list[nn.Parameter], cfg: OptimConfig,
         else:
             return FusedAdam(params, adam_w_mode=True, **kwargs)
     return torch.optim.AdamW(params, fused=True, **kwargs)
-
-
-def learning_rate(cfg: OptimConfig, step: int) -> float:
-    """lr for optimizer step `step` (0-based): linear warmup over warmup_steps."""
-    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    return cfg.lr
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 from torch import nn
@@ -28,6 +29,7 @@ from torch.profiler import record_function
 
 from train import distributed as D
 from train.ema import SamplingEMA
+from train.schedule import StepValues
 
 
 @dataclass
@@ -56,7 +58,9 @@ def supports_found_inf(optimizer: torch.optim.Optimizer) -> bool:
 
 
 class TrainStep:
-    """Callable: (x, y, lr, teacher_momentum, ema_beta) -> device stats vector.
+    """Callable: (x, y, StepValues) -> device stats vector. The values (lr, teacher
+    momentum, EMA decay, the loss's inputs) are the schedule's for this step
+    (train/schedule.py); the loss gets its inputs with the reduction over ranks added.
 
     The vector is [loss, *parts (sorted names), grad_norm, finite], averaged over ranks,
     where finite is 1.0 when every rank's loss and gradients were finite (the step was
@@ -79,22 +83,27 @@ class TrainStep:
         self.snapshot = [b.detach().clone() for b in self.buffers]
         # The phases' ranges; a profiler may swap in one that also emits NVTX.
         self.phase_range: Callable[[str], AbstractContextManager] = record_function
+        # SD-DiT's centre is a mean over the global batch: the loss averages it over ranks
+        # with this (made once: a compiled loss guards on the function it is given).
+        self.mean_over_ranks = partial(D.all_reduce_mean, info=info) if info.distributed else None
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float, teacher_momentum: float,
-                 ema_beta: float) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, values: StepValues) -> torch.Tensor:
         with self.phase_range("phase:forward"):
             if self.buffers:
                 torch._foreach_copy_(self.snapshot, self.buffers)
             shadows = self.optimizer.teacher_in_bf16() if self.fused else nullcontext()
+            inputs = values.loss
+            if self.mean_over_ranks is not None:
+                inputs = replace(inputs, mean_over_ranks=self.mean_over_ranks)
             with self.autocast, shadows:
-                losses = self.loss_module(x, y)
+                losses = self.loss_module(x, y, inputs)
         with self.phase_range("phase:backward"):
             losses["loss"].backward()
         with self.phase_range("phase:grad_norm"):
             grad_norm = global_grad_norm(self.params, self.settings.grad_clip)
             stats = self._agreed_stats(losses, grad_norm)
             finite = stats[-1] > 0.5  # bool, on the device
-        self._apply(lr, teacher_momentum, ema_beta, finite)
+        self._apply(values.lr, values.teacher_momentum, values.ema_beta, finite)
         return stats
 
     def _agreed_stats(self, losses: dict[str, torch.Tensor], grad_norm: torch.Tensor

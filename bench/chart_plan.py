@@ -1,0 +1,214 @@
+"""The chart's plan: its settings (from the command line, checked before any work) and
+the training runs they make (which method, model, config, mask ratio and seed, evaluated
+at which steps), with where each point's JSON goes. See bench/chart.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import model
+
+CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs" / "chart"
+SCHEMA = 1
+MASK_RATIOS = (0.0, 0.2, 0.4, 0.6)  # the paper's Figure 5 sweep (SD-DiT)
+
+# Plans for --scale small: checkpoint steps (the last is each run's length), FID samples.
+# "default" fits ~45 min on 2 shared CPU cores (measured: see docs/chart.md).
+SMALL_PLANS: dict[str, dict[str, Any]] = {
+    "default": {"steps": (100, 200, 300), "fid_samples": 200},
+    "long": {"steps": (500, 1000, 2000, 4000), "fid_samples": 1000},
+}
+# --scale paper: FID-50K at these steps (assumed: 100k apart up to the 400k of the
+# published table), EDM Heun with 18 steps (35 evaluations), no guidance.
+PAPER_PLAN: dict[str, Any] = {"steps": (100_000, 200_000, 300_000, 400_000),
+                              "fid_samples": 50_000}
+
+
+class ChartError(ValueError):
+    """A chart argument that cannot work, found before any training starts."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    scale: str
+    plan: str
+    methods: tuple[str, ...]
+    steps: tuple[int, ...]
+    fid_samples: int
+    mask_ratios: tuple[float, ...]
+    seeds: tuple[int, ...]
+    out: str
+    work_dir: str
+    reference: str
+    sampler_steps: int
+    cfg_scale: float
+    fid_batch: int
+    overrides: tuple[str, ...] = ()
+    keep_checkpoints: bool = False
+    threads: int = 0
+    progress: bool = True
+    cache_dir: str | None = None  # FID reference statistics (None: $SDDIT_CACHE or ~/.cache)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run: a method at a mask ratio and seed, evaluated at `steps`."""
+
+    method: str
+    model_name: str
+    config: str
+    mask_ratio: float
+    seed: int
+    steps: tuple[int, ...]
+    sweep: bool  # set the mask ratio explicitly (Figure 5) rather than the preset's
+
+    @property
+    def key(self) -> str:
+        return f"{self.model_name.replace('/', '')}_r{self.mask_ratio:.2f}_s{self.seed}"
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+def _csv(text: str, kind: type, name: str) -> tuple:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    try:
+        return tuple(kind(t) for t in items)
+    except ValueError:
+        raise ChartError(f"--{name}: expected comma-separated {kind.__name__}s, got {text!r}"
+                         ) from None
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Resolves defaults from the scale and plan, and checks every argument."""
+    plan = PAPER_PLAN if args.scale == "paper" else SMALL_PLANS[args.plan]
+    methods = _csv(args.methods, str, "methods") if args.methods else tuple(model.METHODS)
+    steps = _csv(args.steps, int, "steps") if args.steps else tuple(plan["steps"])
+    ratios = (_csv(args.mask_ratios, float, "mask-ratios") if args.mask_ratios is not None
+              else MASK_RATIOS)
+    paper = args.scale == "paper"
+    settings = Settings(
+        scale=args.scale, plan=args.plan, methods=methods, steps=steps,
+        fid_samples=args.fid_samples or int(plan["fid_samples"]), mask_ratios=ratios,
+        seeds=_csv(args.seeds, int, "seeds"), out=args.out or f"bench/results/chart-{args.scale}",
+        work_dir=args.work_dir or f"runs/chart-{args.scale}",
+        reference=args.reference or ("" if paper else "animal-mnist:test"),
+        sampler_steps=args.sampler_steps or (18 if paper else 12), cfg_scale=args.cfg_scale,
+        fid_batch=args.fid_batch or (250 if paper else 64), overrides=tuple(args.set or ()),
+        keep_checkpoints=args.keep_checkpoints, threads=args.threads,
+        progress=not args.no_progress, cache_dir=args.cache_dir)
+    validate_settings(settings)
+    return settings
+
+
+def validate_settings(s: Settings) -> None:
+    unknown = [m for m in s.methods if m not in model.METHODS]
+    if not s.methods or unknown:
+        raise ChartError(f"--methods: unknown {unknown or 'empty list'}; registered methods "
+                         f"are {', '.join(model.METHODS)}")
+    if not s.steps or any(b <= a for a, b in zip(s.steps, s.steps[1:], strict=False)) or (
+            s.steps[0] < 1):
+        raise ChartError(f"--steps: expected increasing positive step counts, got {s.steps}")
+    if s.fid_samples < 4:
+        raise ChartError(f"--fid-samples: need at least 4 (precision/recall use k = 3), got "
+                         f"{s.fid_samples}")
+    if any(not 0.0 <= r < 1.0 for r in s.mask_ratios):
+        raise ChartError(f"--mask-ratios: each must be in [0, 1), got {s.mask_ratios}")
+    if s.mask_ratios and "SD-DiT" not in model.METHODS:
+        raise ChartError("--mask-ratios: the sweep trains SD-DiT, which is not registered")
+    if not s.seeds or any(x < 0 for x in s.seeds) or len(set(s.seeds)) != len(s.seeds):
+        raise ChartError(f"--seeds: expected distinct non-negative integers, got {s.seeds}")
+    if s.sampler_steps < 1 or s.fid_batch < 1:
+        raise ChartError("--sampler-steps and --fid-batch must be positive")
+    if s.scale == "paper" and not s.reference:
+        raise ChartError("--reference: --scale paper needs ADM's VIRTUAL_imagenet256_labeled.npz "
+                         "(download it yourself; nothing is fetched at run time)")
+    if os.path.abspath(s.work_dir).startswith(os.path.abspath(s.out) + os.sep):
+        raise ChartError(f"--work-dir {s.work_dir} is inside --out {s.out}: checkpoints must "
+                         "not land in the results folder")
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+def method_model_name(scale: str, method: str, sweep: bool) -> str:
+    if scale == "small":
+        return f"{method}-tiny"
+    return f"{method}-S/2" if sweep else f"{method}-XL/2"
+
+
+def method_config(scale: str, sweep: bool) -> str:
+    if scale == "small":
+        return str(CONFIG_ROOT / "small.toml")
+    return str(CONFIG_ROOT / "paper" / ("s2-mask.toml" if sweep else "xl2.toml"))
+
+
+def preset_mask_ratio(settings: Settings, method: str) -> float:
+    """The mask ratio a method's run actually trains with (preset, then --set overrides)."""
+    from train.config import load_config
+
+    cfg = load_config(method_config(settings.scale, False), list(settings.overrides))
+    fields = dict(cfg.model.overrides)
+    return float(model.make_config(method_model_name(settings.scale, method, False),
+                                   **fields).mask_ratio)
+
+
+def build_plan(settings: Settings) -> list[RunSpec]:
+    """Method runs (every checkpoint step), then the SD-DiT mask sweep (final step only). A
+    sweep point that is SD-DiT's own run (same model and ratio: small scale at 0.2) reuses
+    it; at paper scale the sweep is S/2 and the method runs XL/2, so all are separate."""
+    runs: dict[str, RunSpec] = {}
+    final = settings.steps[-1]
+    for seed in settings.seeds:
+        for method in settings.methods:
+            spec = RunSpec(method, method_model_name(settings.scale, method, False),
+                           method_config(settings.scale, False),
+                           preset_mask_ratio(settings, method), seed, settings.steps, False)
+            runs[spec.key] = spec
+        for ratio in settings.mask_ratios:
+            spec = RunSpec("SD-DiT", method_model_name(settings.scale, "SD-DiT", True),
+                           method_config(settings.scale, True), ratio, seed, (final,), True)
+            runs.setdefault(spec.key, spec)  # the method run already covers this point
+    return list(runs.values())
+
+
+def run_config(settings: Settings, spec: RunSpec):
+    """The resolved training config of one run: the scale's recipe plus what the chart sets."""
+    from train.config import load_config
+
+    sets = [f"model.name={json.dumps(spec.model_name)}",
+            f"run.dir={json.dumps(os.path.join(settings.work_dir, spec.key))}",
+            f"run.seed={spec.seed}", f"schedule.total_steps={spec.steps[-1]}",
+            *settings.overrides]
+    if spec.sweep:
+        sets.append(f"model.overrides.mask_ratio={spec.mask_ratio}")
+    return load_config(spec.config, sets)
+
+
+def config_hash(cfg) -> str:
+    """Hash of everything that shapes the trained weights (not where they are written)."""
+    from train.config import to_dict
+
+    table = to_dict(cfg)
+    for key in ("dir", "progress_bar", "tensorboard"):
+        table["run"].pop(key, None)
+    blob = json.dumps(table, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def point_path(settings: Settings, spec: RunSpec, step: int) -> str:
+    return os.path.join(settings.out, "points", f"{spec.key}_step{step:07d}.json")
+
+
+def stages(plan: list[RunSpec]) -> list[tuple[RunSpec, int]]:
+    """(run, step) in step-major order: every run reaches a step before any goes further, so
+    a shared machine's changing load falls on all methods alike."""
+    steps = sorted({s for spec in plan for s in spec.steps})
+    return [(spec, step) for step in steps for spec in plan if step in spec.steps]
