@@ -343,15 +343,20 @@ def run_chart_plan(settings: Settings, network=None) -> dict[str, Any]:
 
 
 def time_training_step(name: str, overrides: dict, batch: int, steps: int, warmup: int,
-                       device: torch.device) -> dict[str, Any]:
+                       device: torch.device, run: Any = None, planned_steps: int = 0
+                       ) -> dict[str, Any]:
     """Median wall time of the training loop's own step (bench/step.py: forward, backward,
     optimizer, teacher momentum, sampling EMA) on synthetic data of the model's shape;
-    bf16 autocast and the kernels on CUDA, the defaults' choices on CPU (bench step's
-    "auto" path: measured precision, compiled)."""
-    from bench.step import build_rig, time_steps
+    bf16 autocast and the kernels on CUDA; on CPU the precision and compilation the chart's
+    runs take (`run`: their RunConfig, deciding "auto" as for `planned_steps` steps)."""
+    from bench.step import PathSpec, build_rig, time_steps
 
-    rig = build_rig(name, "kernels" if device.type == "cuda" else "auto", batch, device,
-                    overrides=overrides)
+    path: Any = "kernels"
+    if device.type != "cuda":
+        path = PathSpec(False, "auto", precision="auto") if run is None else PathSpec(
+            False, run.compile, precision=run.precision)
+    rig = build_rig(name, path, batch, device, overrides=overrides,
+                    planned_steps=planned_steps or max(steps, 1))
     times_ms, _, _ = time_steps(rig, warmup, steps)
     seconds = statistics.median(times_ms) / 1e3
     c = rig.net.config
@@ -378,7 +383,7 @@ def throughput_only(settings: Settings, steps: int = 20, warmup: int = 5) -> int
             method_config(settings.scale, False), 0.0, settings.seeds[0], settings.steps, False))
         batch = cfg.schedule.batch_size // (8 if settings.scale == "paper" else 1)
         row = time_training_step(cfg.model.name, dict(cfg.model.overrides), batch, steps,
-                                 warmup, device)
+                                 warmup, device, cfg.run, max(settings.steps))
         rows.append({"method": method, **row})
         print(f"{method:<8} {row['steps_per_s']:8.2f} steps/s {row['images_per_s']:9.1f} img/s "
               f"{row['train_gflops_per_image']:8.2f} GFLOP/img  {row['encoder_patches']} patches")

@@ -67,7 +67,7 @@ class PathSpec:
     run.fused_optimizer="auto" (the one-pass Triton optimizer on CUDA)."""
 
     use_kernels: bool
-    compiled: bool | str  # True/False, or "auto" (what a long run decides)
+    compiled: bool | str  # True/False, or "auto"/"on"/"off" as run.compile takes it
     fused_optimizer: str = "off"
     cuda_graphs: bool = False
     precision: str = "auto"  # run.precision: "auto" (bf16 on CUDA, measured on CPU)
@@ -138,24 +138,26 @@ class Rig:
         return {"optimizer": optimizer, "cuda_graphs": graphed}
 
 
-def build_rig(name: str, path: str, batch: int, device: torch.device, seed: int = 0,
-              overrides: dict[str, Any] | None = None) -> Rig:
-    """The loop's own set-up (`train.loop.set_up`: sampling EMA, wrappers, compile,
-    optimizer, TrainStep, autocast) for `name`, with the model built on `device` and a
-    device-resident batch of its shape."""
+def build_rig(name: str, path: str | PathSpec, batch: int, device: torch.device, seed: int = 0,
+              overrides: dict[str, Any] | None = None,
+              planned_steps: int = LONG_RUN_STEPS) -> Rig:
+    """The loop's own set-up (`train.loop.set_up`: sampling EMA, wrappers, threads,
+    precision, compile, optimizer, TrainStep, autocast) for `name`, with the model built on
+    `device` and a device-resident batch of its shape. `path` names a PATH_SPECS entry or
+    is a PathSpec; "auto" settings decide as for a run of `planned_steps` steps."""
     import model
     from sdkernels._runtime import current_backend
     from train import distributed as D
-    from train.config import Config
+    from train.config import Config, compile_mode
     from train.graphs import check_cuda_graphs
     from train.loop import set_up
 
-    spec = PATH_SPECS[path]
+    spec = PATH_SPECS[path] if isinstance(path, str) else path
     use_kernels, compiled = spec.use_kernels, spec.compiled
     cfg = Config()
     cfg.model.name, cfg.schedule.batch_size, cfg.run.seed = name, batch, seed
     cfg.run.device = device.type
-    cfg.run.compile = compiled if compiled == "auto" else ("on" if compiled else "off")
+    cfg.run.compile = compile_mode(compiled)  # True/False or "auto"/"on"/"off"
     cfg.run.precision = spec.precision
     cfg.run.use_kernels = "on" if use_kernels else "off"
     cfg.run.fused_optimizer, cfg.run.cuda_graphs = spec.fused_optimizer, spec.cuda_graphs
@@ -169,7 +171,7 @@ def build_rig(name: str, path: str, batch: int, device: torch.device, seed: int 
         net = model.build(name, use_kernels=use_kernels, **(overrides or {})).to(device)
     batches = batch_source(net, batch, device, seed)
     info = D.DistInfo(rank=0, world_size=1, local_rank=0, device=device)
-    session = set_up(cfg, info, net, batches, [], planned_steps=LONG_RUN_STEPS)
+    session = set_up(cfg, info, net, batches, [], planned_steps=planned_steps)
     session.logger.close()
     shutil.rmtree(cfg.run.dir, ignore_errors=True)
     x, y = next(iter(batches))

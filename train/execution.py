@@ -127,13 +127,13 @@ def choose_threads(requested: int, width: int, device: torch.device,
     if measure is None:
         def measure(n: int) -> float:
             torch.set_num_threads(n)
-            return time_matmuls(width, device, reps=3).fp32_ms
+            try:
+                return time_matmuls(width, device, reps=3).fp32_ms
+            finally:
+                torch.set_num_threads(current)
 
     counts = sorted({current, max(1, current // 2), 1}, reverse=True)
-    try:
-        timings = {n: measure(n) for n in counts}
-    finally:
-        torch.set_num_threads(current)
+    timings = {n: measure(n) for n in counts}
     # Fewer threads only for a clear gain (>10%): timing noise must not give up cores.
     best = min(counts, key=lambda n: timings[n] * (1.0 if n == current else 1.1))
     reason = (f"{best} measured faster than the default {current}" if best != current
