@@ -97,3 +97,49 @@ def test_the_loop_passes_each_steps_values_down_to_the_loss(tmp_path) -> None:
     schedule = Schedule.from_config(cfg)
     assert net.seen == [schedule.at(k, 4).loss for k in range(4)]
     assert [i.teacher_temperature for i in net.seen] != [net.seen[0].teacher_temperature] * 4
+
+
+def test_unmasked_finetune_switches_the_mask_ratio_at_its_step() -> None:
+    """MaskDiT's second stage: the last N of total_steps at mask ratio 0, counted from the
+    configured total (a time budget's plan does not move it)."""
+    ft = Schedule(OptimConfig(), EMAConfig(), 8, model.make_config("MaskDiT-tiny"),
+                  total_steps=100, unmasked_finetune_steps=5)
+    assert ft.finetune_start == 95
+    assert [ft.at(k, 100).loss.mask_ratio for k in (0, 94, 95, 99, 120)] == [
+        0.5, 0.5, 0.0, 0.0, 0.0]
+    assert ft.at(96, 50).loss.mask_ratio == 0.0 and ft.at(10, 50).loss.mask_ratio == 0.5
+    assert schedule_for("MaskDiT-tiny").finetune_start is None
+
+
+def test_unmasked_finetune_config_is_checked(tmp_path) -> None:
+    from train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="unmasked_finetune_steps.*total_steps"):
+        tiny_config(tmp_path, "schedule.total_steps=4", "schedule.unmasked_finetune_steps=5")
+    with pytest.raises(ConfigError, match="unmasked_finetune_steps"):
+        tiny_config(tmp_path, "model.name='MDT-tiny'", "model.overrides={depth=4}",
+                    "schedule.unmasked_finetune_steps=1")
+
+
+def test_finetune_stage_trains_unmasked_and_resumes_exactly_across_the_switch(tmp_path
+                                                                              ) -> None:
+    """A MaskDiT run whose last 3 of 6 steps are unmasked: the MAE term is 0 from the
+    switch on; 4 steps then a resume equals 6 straight, bit for bit."""
+    from test_train import _assert_states_equal
+
+    from train import checkpoint as ckpt
+    from train.logging_utils import read_jsonl
+    from train.loop import train
+
+    sets = ("model.name='MaskDiT-tiny'", "schedule.total_steps=6", "schedule.ckpt_every=2",
+            "schedule.unmasked_finetune_steps=3", "run.precision='fp32'")
+    full = train(tiny_config(tmp_path / "full", *sets), batches=small_batches())
+    rows = [r for r in read_jsonl(full.metrics) if r["event"] == "train"]
+    assert [r["loss/mae"] > 0 for r in rows] == [True] * 3 + [False] * 3
+    half = train(tiny_config(tmp_path / "split", *sets), batches=small_batches(), stop_after=4)
+    assert half.step == 4  # one step past the switch at step 3
+    resumed = train(tiny_config(tmp_path / "split", *sets), batches=small_batches(),
+                    resume=True)
+    a, b = ckpt.load_checkpoint(full.checkpoint), ckpt.load_checkpoint(resumed.checkpoint)
+    for part in ("model", "ema", "optimizer"):
+        _assert_states_equal(a[part], b[part], part)

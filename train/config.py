@@ -55,6 +55,9 @@ class ScheduleConfig:
     keep_last: int = 3
     sample_steps: int = 18  # Heun steps for the periodic grids
     sample_per_class: int = 8
+    # MaskDiT's second stage (its public configs/finetune): the last N of total_steps train
+    # at mask ratio 0 with the loss over every token; 0 = none (train/schedule.py).
+    unmasked_finetune_steps: int = 0
 
 
 @dataclass
@@ -308,6 +311,7 @@ def _check_ranges(cfg: Config) -> None:
         "optim.grad_clip": o.grad_clip, "optim.weight_decay": o.weight_decay,
         "ema.rampup_ratio": e.rampup_ratio, "run.seed": cfg.run.seed,
         "run.threads": cfg.run.threads,
+        "schedule.unmasked_finetune_steps": s.unmasked_finetune_steps,
     }.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
@@ -318,6 +322,9 @@ def _check_ranges(cfg: Config) -> None:
         raise ConfigError(f"ema.decay must be in [0, 1), got {e.decay}")
     if e.decay == 0.0 and e.half_life_kimg <= 0:
         raise ConfigError("ema.half_life_kimg must be positive when ema.decay is 0")
+    if s.unmasked_finetune_steps > s.total_steps:
+        raise ConfigError(f"schedule.unmasked_finetune_steps ({s.unmasked_finetune_steps}) "
+                          f"must not exceed schedule.total_steps ({s.total_steps})")
     if cfg.run.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"run.device must be 'auto', 'cpu' or 'cuda', got {cfg.run.device!r}")
     if not cfg.run.dir:
@@ -332,10 +339,14 @@ def _check_model(cfg: Config) -> None:
     overrides = dict(cfg.model.overrides)
     overrides.pop("use_kernels", None)  # refused later with its own message
     try:
-        model.make_config(cfg.model.name, **overrides)
+        config = model.make_config(cfg.model.name, **overrides)
     except (ValueError, TypeError, KeyError) as exc:
         raise ConfigError(f"model ({cfg.model.name!r} with overrides {overrides}): {exc}"
                           ) from None
+    if cfg.schedule.unmasked_finetune_steps and config.mask_ratio_jitter > 0:
+        raise ConfigError(f"schedule.unmasked_finetune_steps: {cfg.model.name} draws its "
+                          "masked pass's ratio each step (MDT) and has no unmasked stage; "
+                          "set it to 0")
 
 
 def validate(cfg: Config) -> None:

@@ -12,8 +12,11 @@
   teacher_momentum_end (the planned last step), iBOT/DINO style; 1 without a teacher;
 - loss: the loss's inputs (`model.LossInputs`): the teacher temperature, a linear warm-up
   from tau_t_start to tau_t_end over the first tau_t_warmup_frac of the plan, and the mask
-  ratio. Each is one line of `loss_inputs`, so a further per-step input (MaskDiT's
-  unmasked fine-tune: mask ratio 0 over the last N steps) is one more field there.
+  ratio: the model's, except over the last schedule.unmasked_finetune_steps of
+  schedule.total_steps, where it is 0 (MaskDiT's second stage: every token through the
+  encoder, no mask tokens, the loss over all tokens and no MAE term, as its public
+  configs/finetune run). The switch step counts from the configured total, not a time
+  budget's planned length, so it never moves.
 
 The model-side fields (teacher momentum, temperature, mask ratio) are the model config's;
 the model itself holds no notion of progress. Everything is a pure function of the step,
@@ -82,13 +85,27 @@ class Schedule:
     ema: EMAConfig
     batch_size: int  # global
     model_config: model.ModelConfig
+    total_steps: int = 0  # the configured run length (schedule.total_steps)
+    unmasked_finetune_steps: int = 0  # the last N of total_steps train unmasked
 
     @classmethod
     def from_config(cls, cfg: Config) -> Schedule:
         """The run's schedule; the model-side fields come from the model config that
         cfg.model names (its preset and overrides)."""
         return cls(cfg.optim, cfg.ema, cfg.schedule.batch_size,
-                   model.make_config(cfg.model.name, **cfg.model.overrides))
+                   model.make_config(cfg.model.name, **cfg.model.overrides),
+                   cfg.schedule.total_steps, cfg.schedule.unmasked_finetune_steps)
+
+    @property
+    def finetune_start(self) -> int | None:
+        """The first unmasked step, or None without a fine-tune stage."""
+        if self.unmasked_finetune_steps <= 0:
+            return None
+        return self.total_steps - self.unmasked_finetune_steps
+
+    def mask_ratio(self, step: int) -> float:
+        start = self.finetune_start
+        return 0.0 if start is not None and step >= start else self.model_config.mask_ratio
 
     def at(self, step: int, planned_steps: int) -> StepValues:
         return StepValues(lr=learning_rate(self.optim, step),
@@ -105,6 +122,6 @@ class Schedule:
     def loss_inputs(self, step: int, planned_steps: int) -> model.LossInputs:
         m = self.model_config
         return model.LossInputs(
-            mask_ratio=m.mask_ratio,
+            mask_ratio=self.mask_ratio(step),
             teacher_temperature=linear_warmup(step, planned_steps, m.tau_t_start, m.tau_t_end,
                                               m.tau_t_warmup_frac))

@@ -61,5 +61,7 @@ class MaskDiTLoss(DiTLoss):
                 losses["mae"] = mae_loss(p.F, p.noised.views.x_noisy, p.sigma, cfg.sigma_data,
                                          masked, cfg.patch_size).mean()
             total = total + cfg.mae_weight * losses["mae"]
+        elif cfg.mae_weight > 0:  # unmasked (fine-tune): no masked patch, the term is 0
+            losses["mae"] = torch.zeros((), device=x0.device)  # same parts every step
         losses["loss"] = total
         return losses
