@@ -66,7 +66,8 @@ def add_chart_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fid-samples", type=int, default=None, help="N samples per FID")
     parser.add_argument("--mask-ratios", default=None,
                         help="SD-DiT sweep for Fig. 5 (default 0,0.2,0.4,0.6; '' skips it)")
-    parser.add_argument("--seeds", default="0", help="comma list; several give error bars")
+    parser.add_argument("--seeds", default=None, help="comma list; several give error bars "
+                        "(default 0; the long plan: 0,1,2)")
     parser.add_argument("--out", default=None, help="results folder (default "
                         "bench/results/chart-<scale>): point JSONs, chart.json, pictures")
     parser.add_argument("--work-dir", default=None,

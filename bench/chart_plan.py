@@ -19,11 +19,48 @@ CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs" / "chart"
 SCHEMA = 1
 MASK_RATIOS = (0.0, 0.2, 0.4, 0.6)  # the paper's Figure 5 sweep (SD-DiT)
 
-# Plans for --scale small: checkpoint steps (the last is each run's length), FID samples.
-# "default" fits ~45 min on 2 shared CPU cores (measured: see docs/chart.md).
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the chart: a method, optionally changed by config overrides (an
+    ablation), trained from the chart's seeds (`seeds`: only the first that many).
+    `finetune_frac` > 0 scores MaskDiT as published: each checkpoint S of its masked
+    pre-training run is continued for round(finetune_frac S) unmasked steps (its second
+    stage, schedule.unmasked_finetune_steps) in a branch run, and the branch is scored.
+    Rows with the same method, overrides and seed share their training run."""
+
+    label: str
+    method: str
+    sets: tuple[str, ...] = ()
+    slug: str = ""  # names the training run when `sets` change it
+    seeds: int | None = None
+    finetune_frac: float = 0.0
+
+
+# The long plan's rows (issue: each method as published, and the ablations that say
+# whether self-distillation helps): MaskDiT with its unmasked fine-tune, scaled to ~5% of
+# each point's steps as in its public recipe; its pre-training run, scored as it is, is
+# the "no fine-tune" row (every seed, at no extra cost).
+LONG_ROWS = (
+    Row("DiT", "DiT"),
+    Row("MaskDiT", "MaskDiT", finetune_frac=0.05),
+    Row("MaskDiT (no fine-tune)", "MaskDiT"),
+    Row("SD-DiT", "SD-DiT"),
+    Row("SD-DiT (lambda_dis=0)", "SD-DiT", ("model.overrides.lambda_dis=0.0",), "ld0"),
+    Row("MDT", "MDT", seeds=1),
+    Row("SD-DiT (teacher at student sigma)", "SD-DiT",
+        ('model.overrides.teacher_sigma="student"',), "tstudent", seeds=1),
+)
+
+# Plans for --scale small: checkpoint steps (the last is each run's length), FID samples,
+# and optionally rows, seeds and the mask sweep (else: a row per --methods entry, --seeds,
+# the sweep of --mask-ratios). "default" fits ~45 min on 2 shared CPU cores; "long" is
+# sized for ~4 CPU hours with the CPU fast path (docs/chart.md).
 SMALL_PLANS: dict[str, dict[str, Any]] = {
     "default": {"steps": (100, 200, 300), "fid_samples": 200},
-    "long": {"steps": (500, 1000, 2000, 4000), "fid_samples": 1000},
+    "long": {"steps": (1000, 2000, 3000), "fid_samples": 1000, "rows": LONG_ROWS,
+             "seeds": (0, 1, 2), "mask_ratios": ()},
 }
 # --scale paper: FID-50K at these steps (assumed: 100k apart up to the 400k of the
 # published table), EDM Heun with 18 steps (35 evaluations), no guidance.
@@ -55,11 +92,14 @@ class Settings:
     threads: int = 0
     progress: bool = True
     cache_dir: str | None = None  # FID reference statistics (None: $SDDIT_CACHE or ~/.cache)
+    rows: tuple[Row, ...] = ()  # empty: one plain row per method
 
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One training run: a method at a mask ratio and seed, evaluated at `steps`."""
+    """One row's training run: a method at a mask ratio and seed (plus the row's
+    overrides), evaluated at `steps`; with `finetune_frac`, each evaluation is of an
+    unmasked fine-tune branch from that step (Row)."""
 
     method: str
     model_name: str
@@ -68,10 +108,29 @@ class RunSpec:
     seed: int
     steps: tuple[int, ...]
     sweep: bool  # set the mask ratio explicitly (Figure 5) rather than the preset's
+    label: str = ""  # the row (default: the method)
+    sets: tuple[str, ...] = ()  # the row's config overrides
+    slug: str = ""
+    finetune_frac: float = 0.0
 
     @property
     def key(self) -> str:
-        return f"{self.model_name.replace('/', '')}_r{self.mask_ratio:.2f}_s{self.seed}"
+        """The training run (its folder); rows that train alike share it."""
+        base = f"{self.model_name.replace('/', '')}_r{self.mask_ratio:.2f}_s{self.seed}"
+        return f"{base}_{self.slug}" if self.slug else base
+
+    @property
+    def point_key(self) -> str:
+        """The row's points: the run's, or its fine-tune branches'."""
+        return f"{self.key}_ft" if self.finetune_frac else self.key
+
+    @property
+    def row(self) -> str:
+        return self.label or self.method
+
+    def finetune_steps(self, step: int) -> int:
+        """The unmasked steps of the fine-tune branch at `step` (at least 1 when asked)."""
+        return max(1, int(round(self.finetune_frac * step))) if self.finetune_frac else 0
 
 
 # ----------------------------------------------------------------------------- settings
@@ -92,18 +151,21 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     methods = _csv(args.methods, str, "methods") if args.methods else tuple(model.METHODS)
     steps = _csv(args.steps, int, "steps") if args.steps else tuple(plan["steps"])
     ratios = (_csv(args.mask_ratios, float, "mask-ratios") if args.mask_ratios is not None
-              else MASK_RATIOS)
+              else tuple(plan.get("mask_ratios", MASK_RATIOS)))
+    seeds = (_csv(args.seeds, int, "seeds") if args.seeds is not None
+             else tuple(plan.get("seeds", (0,))))
+    rows = tuple(r for r in plan.get("rows", ()) if r.method in methods)
     paper = args.scale == "paper"
     settings = Settings(
         scale=args.scale, plan=args.plan, methods=methods, steps=steps,
         fid_samples=args.fid_samples or int(plan["fid_samples"]), mask_ratios=ratios,
-        seeds=_csv(args.seeds, int, "seeds"), out=args.out or f"bench/results/chart-{args.scale}",
+        seeds=seeds, out=args.out or f"bench/results/chart-{args.scale}",
         work_dir=args.work_dir or f"runs/chart-{args.scale}",
         reference=args.reference or ("" if paper else "animal-mnist:test"),
         sampler_steps=args.sampler_steps or (18 if paper else 12), cfg_scale=args.cfg_scale,
         fid_batch=args.fid_batch or (250 if paper else 64), overrides=tuple(args.set or ()),
         keep_checkpoints=args.keep_checkpoints, threads=args.threads,
-        progress=not args.no_progress, cache_dir=args.cache_dir)
+        progress=not args.no_progress, cache_dir=args.cache_dir, rows=rows)
     validate_settings(settings)
     return settings
 
@@ -150,32 +212,40 @@ def method_config(scale: str, sweep: bool) -> str:
     return str(CONFIG_ROOT / "paper" / ("s2-mask.toml" if sweep else "xl2.toml"))
 
 
-def preset_mask_ratio(settings: Settings, method: str) -> float:
+def preset_mask_ratio(settings: Settings, method: str, sets: tuple[str, ...] = ()) -> float:
     """The mask ratio a method's run actually trains with (preset, then --set overrides)."""
     from train.config import load_config
 
-    cfg = load_config(method_config(settings.scale, False), list(settings.overrides))
+    cfg = load_config(method_config(settings.scale, False), [*settings.overrides, *sets])
     fields = dict(cfg.model.overrides)
     return float(model.make_config(method_model_name(settings.scale, method, False),
                                    **fields).mask_ratio)
 
 
+def plan_rows(settings: Settings) -> tuple[Row, ...]:
+    return settings.rows or tuple(Row(m, m) for m in settings.methods)
+
+
 def build_plan(settings: Settings) -> list[RunSpec]:
-    """Method runs (every checkpoint step), then the SD-DiT mask sweep (final step only). A
+    """Row runs (every checkpoint step), then the SD-DiT mask sweep (final step only). A
     sweep point that is SD-DiT's own run (same model and ratio: small scale at 0.2) reuses
     it; at paper scale the sweep is S/2 and the method runs XL/2, so all are separate."""
     runs: dict[str, RunSpec] = {}
     final = settings.steps[-1]
-    for seed in settings.seeds:
-        for method in settings.methods:
-            spec = RunSpec(method, method_model_name(settings.scale, method, False),
+    for index, seed in enumerate(settings.seeds):
+        for row in plan_rows(settings):
+            if row.seeds is not None and index >= row.seeds:
+                continue
+            spec = RunSpec(row.method, method_model_name(settings.scale, row.method, False),
                            method_config(settings.scale, False),
-                           preset_mask_ratio(settings, method), seed, settings.steps, False)
-            runs[spec.key] = spec
+                           preset_mask_ratio(settings, row.method, row.sets), seed,
+                           settings.steps, False, row.label, row.sets, row.slug,
+                           row.finetune_frac)
+            runs[spec.point_key] = spec
         for ratio in settings.mask_ratios:
             spec = RunSpec("SD-DiT", method_model_name(settings.scale, "SD-DiT", True),
                            method_config(settings.scale, True), ratio, seed, (final,), True)
-            runs.setdefault(spec.key, spec)  # the method run already covers this point
+            runs.setdefault(spec.point_key, spec)  # the method run already covers this point
     return list(runs.values())
 
 
@@ -186,10 +256,27 @@ def run_config(settings: Settings, spec: RunSpec):
     sets = [f"model.name={json.dumps(spec.model_name)}",
             f"run.dir={json.dumps(os.path.join(settings.work_dir, spec.key))}",
             f"run.seed={spec.seed}", f"schedule.total_steps={spec.steps[-1]}",
-            *settings.overrides]
+            *settings.overrides, *spec.sets]
     if spec.sweep:
         sets.append(f"model.overrides.mask_ratio={spec.mask_ratio}")
     return load_config(spec.config, sets)
+
+
+def finetune_config(settings: Settings, spec: RunSpec, step: int):
+    """The fine-tune branch from `spec`'s checkpoint at `step`: its own folder, planned to
+    step + F with the last F steps unmasked (F = spec.finetune_steps(step))."""
+    from train.config import load_config
+
+    extra = spec.finetune_steps(step)
+    sets = [f"model.name={json.dumps(spec.model_name)}",
+            f"run.dir={json.dumps(finetune_dir(settings, spec, step))}",
+            f"run.seed={spec.seed}", f"schedule.total_steps={step + extra}",
+            f"schedule.unmasked_finetune_steps={extra}", *settings.overrides, *spec.sets]
+    return load_config(spec.config, sets)
+
+
+def finetune_dir(settings: Settings, spec: RunSpec, step: int) -> str:
+    return os.path.join(settings.work_dir, f"{spec.key}_ft{step:07d}")
 
 
 def config_hash(cfg) -> str:
@@ -204,7 +291,7 @@ def config_hash(cfg) -> str:
 
 
 def point_path(settings: Settings, spec: RunSpec, step: int) -> str:
-    return os.path.join(settings.out, "points", f"{spec.key}_step{step:07d}.json")
+    return os.path.join(settings.out, "points", f"{spec.point_key}_step{step:07d}.json")
 
 
 def stages(plan: list[RunSpec]) -> list[tuple[RunSpec, int]]:

@@ -6,7 +6,8 @@
   against training wall-clock seconds, since equal steps are not equal compute (Figure 4);
 - fig5_fid_vs_mask_ratio: SD-DiT's FID against its mask ratio (Figure 5);
 - samples: the final sampling EMA of each method, one column per class.
-Error bars (one standard deviation over seeds) appear when several seeds were run.
+Error bars (one standard deviation over seeds) appear when several seeds were run; in
+Figure 4 a band spans the lowest to the highest seed's FID at each checkpoint.
 At paper scale, published numbers are overlaid as hollow markers labelled "published".
 """
 
@@ -71,7 +72,7 @@ def fig3_speed_vs_fid(summary: dict, out: str) -> list[str]:
         x, xerr = _mean_std(row["steps_per_s"])
         y, yerr = _mean_std(row["fid"])
         ax.errorbar([x], [y], xerr=xerr, yerr=yerr, fmt="o", ms=9, capsize=4,
-                    color=_color(method), label=method)
+                    color=_row_style(summary, method)[0], label=method)
         # A label that would run into an earlier one goes below its point instead.
         crowded = any(abs(x - px) < 0.4 * xspan and abs(y - py) < 0.06 * yspan
                       for px, py in placed)
@@ -88,14 +89,37 @@ def fig3_speed_vs_fid(summary: dict, out: str) -> list[str]:
     return _save(fig, out, "fig3_speed_vs_fid")
 
 
+_ROW_STYLES = ("-", "--", ":", "-.")
+
+
+def _row_style(summary: dict, label: str) -> tuple[str, str]:
+    """A row's colour (its method's) and line style (the method's ablations dashed)."""
+    method = next((m for m in COLORS if label == m or label.startswith(m + " ")), label)
+    same = [r for r in summary["curves"] if r == method or r.startswith(method + " (")]
+    return _color(method), _ROW_STYLES[same.index(label) % len(_ROW_STYLES)]
+
+
+def _x(row: dict, x_key: str) -> float:
+    if x_key == "seconds":
+        return row["train_seconds"]["mean"]
+    trained = row.get("trained_steps", {}).get("mean")
+    return trained if trained is not None else row["step"]
+
+
 def _curve_panel(ax, summary: dict, x_key: str) -> None:
-    for method, rows in summary["curves"].items():
+    """Mean FID per row; with several seeds a band from the lowest to the highest seed's
+    FID at each checkpoint."""
+    for label, rows in summary["curves"].items():
+        color, style = _row_style(summary, label)
+        xs = [_x(r, x_key) for r in rows]
         ys = [r["fid"]["mean"] for r in rows]
-        errs = [r["fid"]["std"] for r in rows]
-        xs = [r["step"] if x_key == "step" else r["train_seconds"]["mean"] for r in rows]
-        yerr = errs if all(e is not None for e in errs) else None
-        ax.errorbar(xs, ys, yerr=yerr, marker="o", capsize=3, color=_color(method),
-                    label=f"{method} ({rows[-1]['encoder_patches']} patches)")
+        seeds = rows[-1]["fid"]["n"]
+        ax.plot(xs, ys, marker="o", color=color, ls=style,
+                label=f"{label} ({rows[-1]['encoder_patches']} patches, {seeds} "
+                      f"seed{'s' if seeds != 1 else ''})")
+        if all(r["fid"]["n"] > 1 for r in rows):
+            ax.fill_between(xs, [r["fid"]["min"] for r in rows],
+                            [r["fid"]["max"] for r in rows], color=color, alpha=0.15)
     ax.grid(alpha=0.3)
     ax.set_ylabel("FID (lower is better)")
 
@@ -115,7 +139,7 @@ def fig4_fid_vs_steps(summary: dict, out: str) -> list[str]:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
     _curve_panel(left, summary, "step")
     _published_panel(left, summary)
-    left.set_xlabel("training steps")
+    left.set_xlabel("training steps (a fine-tuned point: pre-training + its unmasked steps)")
     _curve_panel(right, summary, "seconds")
     right.set_xlabel(f"training wall-clock seconds ({summary['environment'].get('device')})")
     left.legend(fontsize=8)

@@ -23,13 +23,15 @@ from bench.chart_plan import (
     Settings,
     build_plan,
     config_hash,
+    finetune_config,
+    finetune_dir,
     method_config,
     method_model_name,
     point_path,
     run_config,
     stages,
 )
-from bench.chart_summary import now_utc, summarise
+from bench.chart_summary import now_utc, summarise, table_markdown
 
 # ----------------------------------------------------------------------------- training
 
@@ -172,9 +174,12 @@ def point_record(settings: Settings, spec: RunSpec, step: int, cfg, facts: dict,
                  speed: dict, scores: dict, context: dict) -> dict[str, Any]:
     """One point's JSON: what was trained, how fast, how good, on what, at which commit."""
     env = context["env"]
+    finetune = spec.finetune_steps(step)
     return {
-        "schema": SCHEMA, "scale": settings.scale, "method": spec.method, "run": spec.key,
-        "sweep": spec.sweep, "seed": spec.seed, "step": step, "total_steps": spec.steps[-1],
+        "schema": SCHEMA, "scale": settings.scale, "method": spec.method, "row": spec.row,
+        "run": spec.key, "row_sets": list(spec.sets), "sweep": spec.sweep, "seed": spec.seed,
+        "step": step, "finetune_steps": finetune, "trained_steps": step + finetune,
+        "total_steps": spec.steps[-1],
         "config": os.path.relpath(spec.config), "config_hash": config_hash(cfg),
         "batch_size": cfg.schedule.batch_size, **facts, **speed,
         "fid": scores["fid"], "precision": scores["precision"], "recall": scores["recall"],
@@ -241,9 +246,9 @@ class PlanProgress:
 
     def evaluated(self, spec: RunSpec, step: int, seconds: float, fid: float) -> None:
         self.sample_cost = seconds / self.settings.fid_samples
-        self.tasks = [t for t in self.tasks if (t[0].key, t[1]) != (spec.key, step)]
+        self.tasks = [t for t in self.tasks if (t[0].point_key, t[1]) != (spec.point_key, step)]
         self.spent += seconds
-        self._refresh(f"{spec.key} step {step}: FID {fid:.1f}")
+        self._refresh(f"{spec.point_key} step {step}: FID {fid:.1f}")
 
     def close(self) -> None:
         self.bar.close()
@@ -274,14 +279,48 @@ def eval_device() -> torch.device:
     return resolve_device("auto", int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def finetune_to(settings: Settings, spec: RunSpec, step: int, start: str) -> tuple[str, Any]:
+    """The fine-tune branch of `spec` at `step`: continued from the pre-training checkpoint
+    `start` for its unmasked steps (done already: its checkpoint). Returns the checkpoint
+    and the branch's config."""
+    cfg = finetune_config(settings, spec, step)
+    end = cfg.schedule.total_steps
+    done, path = checkpoint_at_or_before(cfg.run.dir, end)
+    if done == end and path is not None:
+        return path, cfg
+    from train.loop import train
+
+    # A branch stopped midway (SIGTERM saves a checkpoint) continues from where it stopped.
+    result = train(cfg, resume=path or start)
+    if result.step != end:
+        raise RuntimeError(f"{cfg.run.dir}: fine-tune stopped at step {result.step}, "
+                           f"expected {end}")
+    return result.checkpoint, cfg
+
+
+def _branch_speed(speed: dict, branch_cfg, step: int) -> dict:
+    """The pre-training run's steps/s, and training seconds through the branch's end."""
+    extra = branch_cfg.schedule.unmasked_finetune_steps
+    if not extra:
+        return speed
+    branch = throughput_from_log(os.path.join(branch_cfg.run.dir, "metrics.jsonl"),
+                                 step + extra, branch_cfg.schedule.batch_size)
+    return {**speed, "train_seconds": speed["train_seconds"] + branch["train_seconds"],
+            "finetune_steps_per_s": branch["steps_per_s"]}
+
+
 def run_point(settings: Settings, spec: RunSpec, step: int, evaluator: Evaluator,
               progress: PlanProgress | None, env: dict) -> dict:
-    """Trains one run to `step`, scores its EMA there and writes the point's JSON."""
+    """Trains one run to `step` (and, for a fine-tune row, its branch from there), scores
+    its EMA there and writes the point's JSON."""
     cfg = run_config(settings, spec)
     load = {"train_start": _load()}
     started = time.monotonic()
     before, _ = checkpoint_at_or_before(cfg.run.dir, step)
     checkpoint = train_to(cfg, step)
+    branch_cfg = cfg
+    if spec.finetune_frac:
+        checkpoint, branch_cfg = finetune_to(settings, spec, step, checkpoint)
     if progress:
         progress.trained(spec, step, time.monotonic() - started, step - before)
     load["eval_start"] = _load()
@@ -293,15 +332,15 @@ def run_point(settings: Settings, spec: RunSpec, step: int, evaluator: Evaluator
     from train.checkpoint import load_checkpoint
 
     facts = model_facts(load_checkpoint(checkpoint)["model_build"])
-    speed = throughput_from_log(os.path.join(cfg.run.dir, "metrics.jsonl"), step,
-                                cfg.schedule.batch_size)
-    record = point_record(settings, spec, step, cfg, facts, speed, scores,
+    speed = _branch_speed(throughput_from_log(os.path.join(cfg.run.dir, "metrics.jsonl"),
+                                              step, cfg.schedule.batch_size), branch_cfg, step)
+    record = point_record(settings, spec, step, branch_cfg, facts, speed, scores,
                           {"env": env, "eval_seconds": eval_seconds, "load": load})
     if is_main_process():
         if keep and scores.get("images") is not None:
             record["samples_png"] = os.path.relpath(save_samples(
-                scores["images"], os.path.join(settings.out, "samples", f"{spec.key}.png")),
-                settings.out)
+                scores["images"],
+                os.path.join(settings.out, "samples", f"{spec.point_key}.png")), settings.out)
         write_json(point_path(settings, spec, step), record)
     if progress:
         progress.evaluated(spec, step, eval_seconds, record["fid"])
@@ -333,9 +372,13 @@ def run_chart_plan(settings: Settings, network=None) -> dict[str, Any]:
     summary = summarise(settings, plan, env)
     summary["pictures"] = draw_all(summary, settings.out)
     write_json(os.path.join(settings.out, "chart.json"), summary)
+    with open(os.path.join(settings.out, "table.md"), "w") as f:
+        f.write(table_markdown(summary))
     if not settings.keep_checkpoints:
         for spec in plan:
             shutil.rmtree(os.path.join(settings.work_dir, spec.key), ignore_errors=True)
+            for step in spec.steps if spec.finetune_frac else ():
+                shutil.rmtree(finetune_dir(settings, spec, step), ignore_errors=True)
     return summary
 
 

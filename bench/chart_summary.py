@@ -24,12 +24,14 @@ def now_utc() -> str:
 def _stat(values: list[float | None]) -> dict[str, Any]:
     vals = [float(v) for v in values if v is not None]
     if not vals:
-        return {"mean": None, "std": None, "n": 0}
+        return {"mean": None, "std": None, "n": 0, "min": None, "max": None}
     std = statistics.stdev(vals) if len(vals) > 1 else None
-    return {"mean": statistics.mean(vals), "std": std, "n": len(vals)}
+    return {"mean": statistics.mean(vals), "std": std, "n": len(vals), "min": min(vals),
+            "max": max(vals)}
 
 
-FIELDS = ("fid", "precision", "recall", "steps_per_s", "images_per_s", "train_seconds")
+FIELDS = ("fid", "precision", "recall", "steps_per_s", "images_per_s", "train_seconds",
+          "trained_steps")
 FACTS = ("model", "params", "train_gflops_per_image", "encoder_patches", "tokens", "mask_ratio",
          "batch_size")
 
@@ -50,27 +52,34 @@ def read_points(settings: Settings, plan: list[RunSpec]) -> dict[tuple[str, int]
             path = point_path(settings, spec, step)
             if os.path.isfile(path):
                 with open(path) as f:
-                    found[(spec.key, step)] = json.load(f)
+                    found[(spec.point_key, step)] = json.load(f)
     return found
 
 
-def summarise(settings: Settings, plan: list[RunSpec], env: dict) -> dict[str, Any]:
-    """chart.json: per-method curves (Fig. 4), final points (Fig. 3), the mask sweep
-    (Fig. 5), aggregated over seeds, and the verdict on the paper's ordering."""
-    points = read_points(settings, plan)
+def _curves(settings: Settings, plan: list[RunSpec], points: dict) -> dict[str, list[dict]]:
+    """Row label -> one aggregate per checkpoint step, over the row's seeds (in plan order)."""
     curves: dict[str, list[dict]] = {}
-    for method in settings.methods:
-        runs = [s for s in plan if s.method == method and not s.sweep]
+    for row in dict.fromkeys(s.row for s in plan if not s.sweep):
+        runs = [s for s in plan if s.row == row and not s.sweep]
         for step in settings.steps:
-            got = [points[(s.key, step)] for s in runs if (s.key, step) in points]
+            got = [points[(s.point_key, step)] for s in runs if (s.point_key, step) in points]
             if got:
-                curves.setdefault(method, []).append({"step": step, **_aggregate(got)})
+                curves.setdefault(row, []).append({"step": step, **_aggregate(got)})
+    return curves
+
+
+def summarise(settings: Settings, plan: list[RunSpec], env: dict) -> dict[str, Any]:
+    """chart.json: per-row curves (Fig. 4), final points (Fig. 3), the mask sweep
+    (Fig. 5), aggregated over seeds, the verdict on the paper's ordering and each pair of
+    rows compared against the seed spread."""
+    points = read_points(settings, plan)
+    curves = _curves(settings, plan, points)
     final = settings.steps[-1]
     sweep_model = method_model_name(settings.scale, "SD-DiT", True)
     mask = []
     for ratio in settings.mask_ratios:
-        got = [points[(s.key, final)] for s in plan if s.model_name == sweep_model
-               and abs(s.mask_ratio - ratio) < 1e-9 and (s.key, final) in points]
+        got = [points[(s.point_key, final)] for s in plan if s.model_name == sweep_model
+               and abs(s.mask_ratio - ratio) < 1e-9 and (s.point_key, final) in points]
         if got:
             mask.append({"mask_ratio": ratio, **_aggregate(got)})
     finals = {m: rows[-1] for m, rows in curves.items() if rows[-1]["step"] == final}
@@ -81,10 +90,61 @@ def summarise(settings: Settings, plan: list[RunSpec], env: dict) -> dict[str, A
                      "FID-50K; compare methods only at equal N (as here)."),
         "methods": list(curves), "final_step": final, "curves": curves, "final": finals,
         "mask_sweep": mask, "verdict": verdict(finals, mask, curves),
+        "comparisons": comparisons(curves),
         "points": sorted(f"points/{os.path.basename(point_path(settings, s, st))}"
-                         for s in plan for st in s.steps if (s.key, st) in points),
+                         for s in plan for st in s.steps if (s.point_key, st) in points),
         "complete": len(points) == sum(len(s.steps) for s in plan),
     }
+
+
+# The pairs the chart exists to settle: the paper's claims, and the ablations.
+PAIRS = (("SD-DiT", "DiT"), ("SD-DiT", "MaskDiT"), ("MaskDiT", "DiT"), ("SD-DiT", "MDT"),
+         ("SD-DiT", "SD-DiT (lambda_dis=0)"), ("MaskDiT", "MaskDiT (no fine-tune)"),
+         ("SD-DiT", "SD-DiT (teacher at student sigma)"))
+
+
+def _separated(a: dict, b: dict) -> bool | None:
+    """Whether two rows' FIDs differ beyond their seed spread: their [min, max] ranges over
+    seeds do not overlap. None when either row has a single seed (no spread measured)."""
+    if a["n"] < 2 or b["n"] < 2:
+        return None
+    return a["max"] < b["min"] or b["max"] < a["min"]
+
+
+def _fid_at_seconds(rows: list[dict], seconds: float) -> float | None:
+    """A row's mean FID at `seconds` of training, linear between its checkpoints (None
+    outside the range it was measured over)."""
+    pts = [(r["train_seconds"]["mean"], r["fid"]["mean"]) for r in rows]
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:], strict=False):
+        if x0 <= seconds <= x1:
+            return y0 + (y1 - y0) * (seconds - x0) / max(x1 - x0, 1e-9)
+    return pts[0][1] if pts and abs(pts[0][0] - seconds) < 1e-9 else None
+
+
+def comparisons(curves: dict[str, list[dict]]) -> list[dict[str, Any]]:
+    """Each pair in PAIRS with both rows present: at equal steps (every checkpoint) the
+    difference of mean FIDs and whether it is outside the seed spread; at equal wall-clock
+    (the first row's training seconds at each checkpoint) the other row's interpolated
+    FID."""
+    out = []
+    for a, b in PAIRS:
+        if a not in curves or b not in curves:
+            continue
+        by_step = {r["step"]: r for r in curves[b]}
+        steps = []
+        for ra in curves[a]:
+            rb = by_step.get(ra["step"])
+            if rb is None:
+                continue
+            seconds = ra["train_seconds"]["mean"]
+            steps.append({"step": ra["step"], "fid_a": ra["fid"]["mean"],
+                          "fid_b": rb["fid"]["mean"],
+                          "a_minus_b": ra["fid"]["mean"] - rb["fid"]["mean"],
+                          "outside_seed_spread": _separated(ra["fid"], rb["fid"]),
+                          "seconds_a": seconds,
+                          "fid_b_at_seconds_a": _fid_at_seconds(curves[b], seconds)})
+        out.append({"a": a, "b": b, "by_step": steps})
+    return out
 
 
 def dataclasses_asdict(settings: Settings) -> dict[str, Any]:
@@ -127,6 +187,22 @@ def _num(stat: dict, digits: int = 2) -> str:
         return "n/a"
     text = f"{stat['mean']:.{digits}f}"
     return text + (f" +- {stat['std']:.{digits}f}" if stat["std"] is not None else "")
+
+
+def table_markdown(summary: dict) -> str:
+    """One row per chart row: steps/s, FID at each checkpoint (mean +- std over seeds,
+    with the seed count), precision / recall at the last one."""
+    steps = sorted({r["step"] for rows in summary["curves"].values() for r in rows})
+    head = ["row", "seeds", "steps/s"] + [f"FID at {s:,}" for s in steps] + ["P / R at last"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, rows in summary["curves"].items():
+        by_step = {r["step"]: r for r in rows}
+        last = rows[-1]
+        cells = [label, str(last["fid"]["n"]), _num(last["steps_per_s"])]
+        cells += [_num(by_step[s]["fid"], 1) if s in by_step else "" for s in steps]
+        cells.append(f"{_num(last['precision'], 3)} / {_num(last['recall'], 3)}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def format_summary(summary: dict) -> str:
