@@ -397,12 +397,13 @@ def add_step_arguments(p: argparse.ArgumentParser) -> None:
 
 def _resolve(args: argparse.Namespace) -> tuple[torch.device, list[str]]:
     """Fills the device-dependent defaults; rejects bad arguments before any work."""
-    if args.device not in ("auto", "cuda", "cpu"):
-        raise ValueError(f"--device must be auto, cuda or cpu, got {args.device!r}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
-    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda" if cuda else "cpu")
+    from train.distributed import resolve_device
+
+    try:
+        device = resolve_device(args.device, what="--device")
+    except RuntimeError as exc:  # cuda asked for, none here
+        raise ValueError(str(exc)) from None
+    cuda = device.type == "cuda"
     args.model = args.model or ("SD-DiT-XL/2" if cuda else "SD-DiT-tiny")
     args.batch = args.batch or (32 if cuda else 8)
     args.steps = args.steps or (50 if cuda else 20)
