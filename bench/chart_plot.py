@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from bench.chart_summary import seconds_of, speed_of
+
 # Published FID-50K without guidance at 400k steps (METHOD.md's reference numbers), drawn
 # on the paper-scale Figure 4 only: they come from other code and ImageNet, not this run.
 PUBLISHED: tuple[dict[str, Any], ...] = (
@@ -63,13 +65,13 @@ def fig3_speed_vs_fid(summary: dict, out: str) -> list[str]:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.8))
     rows = [(m, r) for m, r in summary["final"].items()
-            if r["steps_per_s"]["mean"] is not None and r["fid"]["mean"] is not None]
-    xs = [r["steps_per_s"]["mean"] for _, r in rows] or [0.0]
+            if speed_of(r)["mean"] is not None and r["fid"]["mean"] is not None]
+    xs = [speed_of(r)["mean"] for _, r in rows] or [0.0]
     ys = [r["fid"]["mean"] for _, r in rows] or [0.0]
     xspan, yspan = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
     placed: list[tuple[float, float]] = []
     for method, row in rows:
-        x, xerr = _mean_std(row["steps_per_s"])
+        x, xerr = _mean_std(speed_of(row))
         y, yerr = _mean_std(row["fid"])
         ax.errorbar([x], [y], xerr=xerr, yerr=yerr, fmt="o", ms=9, capsize=4,
                     color=_row_style(summary, method)[0], label=method)
@@ -80,7 +82,10 @@ def fig3_speed_vs_fid(summary: dict, out: str) -> list[str]:
                     textcoords="offset points", xytext=(8, -14 if crowded else 6), fontsize=9)
         placed.append((x, y))
     device = summary["environment"].get("device")
-    ax.set_xlabel(f"training speed (steps/s on {device}, median after warm-up)")
+    timed = any(r.get("back_to_back_steps_per_s", {}).get("mean") is not None
+                for _, r in rows)
+    how = "back to back, idle machine" if timed else "median after warm-up, as logged"
+    ax.set_xlabel(f"training speed (steps/s on {device}, {how})")
     ax.set_ylabel(f"FID at step {summary['final_step']:,} (lower is better)")
     ax.set_title("Training speed vs FID (paper Fig. 3 analogue)\n" + _subtitle(summary),
                  fontsize=9)
@@ -101,7 +106,7 @@ def _row_style(summary: dict, label: str) -> tuple[str, str]:
 
 def _x(row: dict, x_key: str) -> float:
     if x_key == "seconds":
-        return row["train_seconds"]["mean"]
+        return seconds_of(row)
     trained = row.get("trained_steps", {}).get("mean")
     return trained if trained is not None else row["step"]
 
@@ -141,7 +146,10 @@ def fig4_fid_vs_steps(summary: dict, out: str) -> list[str]:
     _published_panel(left, summary)
     left.set_xlabel("training steps (a fine-tuned point: pre-training + its unmasked steps)")
     _curve_panel(right, summary, "seconds")
-    right.set_xlabel(f"training wall-clock seconds ({summary['environment'].get('device')})")
+    timed = any(r.get("wall_seconds", {}).get("mean") is not None
+                for rows in summary["curves"].values() for r in rows)
+    clock = "at each row's back-to-back step rate" if timed else "as logged while training"
+    right.set_xlabel(f"training seconds ({summary['environment'].get('device')}, {clock})")
     left.legend(fontsize=8)
     fig.suptitle("FID during training (paper Fig. 4 analogue)\n" + _subtitle(summary),
                  fontsize=9)

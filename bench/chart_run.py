@@ -9,7 +9,7 @@ import os
 import shutil
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -27,6 +27,7 @@ from bench.chart_plan import (
     finetune_dir,
     method_config,
     method_model_name,
+    plan_rows,
     point_path,
     run_config,
     stages,
@@ -410,6 +411,27 @@ def time_training_step(name: str, overrides: dict, batch: int, steps: int, warmu
             "params": sum(p.numel() for p in rig.net.parameters() if p.requires_grad)}
 
 
+# The row label of a fine-tune row's unmasked steps in throughput.json.
+FINETUNE_STAGE = "{} (fine-tune stage)"
+
+
+def throughput_specs(settings: Settings) -> list[tuple[str, RunSpec]]:
+    """(label, run) for each distinct row of the plan, and for a fine-tune row also its
+    unmasked stage (the same run at mask ratio 0), whose steps cost more."""
+    out: dict[str, RunSpec] = {}
+    for row in plan_rows(settings):
+        spec = RunSpec(row.method, method_model_name(settings.scale, row.method, False),
+                       method_config(settings.scale, False), 0.0, settings.seeds[0],
+                       settings.steps, False, row.label, row.sets, row.slug)
+        key = (spec.model_name, spec.sets)
+        if key not in {(s.model_name, s.sets) for s in out.values()}:
+            out[row.label] = spec
+        if row.finetune_frac:
+            out[FINETUNE_STAGE.format(row.label)] = replace(
+                spec, sets=(*row.sets, "model.overrides.mask_ratio=0.0"))
+    return list(out.items())
+
+
 def throughput_only(settings: Settings, steps: int = 20, warmup: int = 5) -> int:
     """The steps/s half of the chart on one device: each method's training step at the
     per-device batch (the global 256 / 8 GPUs at paper scale), synthetic data, no FID.
@@ -420,16 +442,15 @@ def throughput_only(settings: Settings, steps: int = 20, warmup: int = 5) -> int
         return 0
     device = eval_device()
     rows = []
-    for method in settings.methods:
-        cfg = run_config(settings, RunSpec(
-            method, method_model_name(settings.scale, method, False),
-            method_config(settings.scale, False), 0.0, settings.seeds[0], settings.steps, False))
+    for label, spec in throughput_specs(settings):
+        cfg = run_config(settings, spec)
         batch = cfg.schedule.batch_size // (8 if settings.scale == "paper" else 1)
         row = time_training_step(cfg.model.name, dict(cfg.model.overrides), batch, steps,
                                  warmup, device, cfg.run, max(settings.steps))
-        rows.append({"method": method, **row})
-        print(f"{method:<8} {row['steps_per_s']:8.2f} steps/s {row['images_per_s']:9.1f} img/s "
-              f"{row['train_gflops_per_image']:8.2f} GFLOP/img  {row['encoder_patches']} patches")
+        rows.append({"method": spec.method, "row": label, "sets": list(spec.sets), **row})
+        print(f"{label:<34} {row['steps_per_s']:8.2f} steps/s {row['images_per_s']:9.1f} "
+              f"img/s {row['train_gflops_per_image']:8.2f} GFLOP/img  "
+              f"{row['encoder_patches']} patches")
     path = os.path.join(settings.out, "throughput.json")
     if is_main_process():
         write_json(path, {"env": environment(), "scale": settings.scale, "steps": steps,

@@ -31,7 +31,7 @@ def _stat(values: list[float | None]) -> dict[str, Any]:
 
 
 FIELDS = ("fid", "precision", "recall", "steps_per_s", "images_per_s", "train_seconds",
-          "trained_steps")
+          "trained_steps", "wall_seconds", "back_to_back_steps_per_s")
 FACTS = ("model", "params", "train_gflops_per_image", "encoder_patches", "tokens", "mask_ratio",
          "batch_size")
 
@@ -56,16 +56,63 @@ def read_points(settings: Settings, plan: list[RunSpec]) -> dict[tuple[str, int]
     return found
 
 
+def read_throughput(settings: Settings) -> dict[tuple[str, tuple[str, ...]], float]:
+    """(method, row overrides) -> steps/s from `--out`/throughput.json (`--throughput-only`:
+    each row's step timed back to back on an otherwise idle machine); {} when absent. The
+    fine-tune stage's steps are keyed with the mask-ratio-0 override they run with."""
+    path = os.path.join(settings.out, "throughput.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        rows = json.load(f)["results"]
+    return {(r["method"], tuple(r.get("sets", ()))): r["steps_per_s"] for r in rows}
+
+
+def _wall_seconds(point: dict, rates: dict) -> float | None:
+    """Training seconds to `point` at the back-to-back step rates: the same clock for every
+    row, whatever else the machine ran while the chart trained."""
+    sets = tuple(point.get("row_sets", ()))
+    rate = rates.get((point["method"], sets))
+    if rate is None:
+        return None
+    seconds = point["step"] / rate
+    extra = point.get("finetune_steps") or 0
+    if extra:
+        stage = rates.get((point["method"], (*sets, "model.overrides.mask_ratio=0.0")))
+        if stage is None:
+            return None
+        seconds += extra / stage
+    return seconds
+
+
 def _curves(settings: Settings, plan: list[RunSpec], points: dict) -> dict[str, list[dict]]:
     """Row label -> one aggregate per checkpoint step, over the row's seeds (in plan order)."""
+    rates = read_throughput(settings)
     curves: dict[str, list[dict]] = {}
     for row in dict.fromkeys(s.row for s in plan if not s.sweep):
         runs = [s for s in plan if s.row == row and not s.sweep]
         for step in settings.steps:
             got = [points[(s.point_key, step)] for s in runs if (s.point_key, step) in points]
+            got = [{**p, "wall_seconds": _wall_seconds(p, rates),
+                    "back_to_back_steps_per_s": rates.get((p["method"],
+                                                           tuple(p.get("row_sets", ()))))}
+                   for p in got]
             if got:
                 curves.setdefault(row, []).append({"step": step, **_aggregate(got)})
     return curves
+
+
+def speed_of(row: dict) -> dict:
+    """A curve point's steps/s statistic: back to back where measured, else as logged."""
+    timed = row.get("back_to_back_steps_per_s", {})
+    return timed if timed.get("mean") is not None else row["steps_per_s"]
+
+
+def seconds_of(row: dict) -> float:
+    """A curve point's training seconds: at the back-to-back rates where measured, else
+    as the training logs timed them."""
+    wall = row.get("wall_seconds", {}).get("mean")
+    return wall if wall is not None else row["train_seconds"]["mean"]
 
 
 def summarise(settings: Settings, plan: list[RunSpec], env: dict) -> dict[str, Any]:
@@ -114,7 +161,7 @@ def _separated(a: dict, b: dict) -> bool | None:
 def _fid_at_seconds(rows: list[dict], seconds: float) -> float | None:
     """A row's mean FID at `seconds` of training, linear between its checkpoints (None
     outside the range it was measured over)."""
-    pts = [(r["train_seconds"]["mean"], r["fid"]["mean"]) for r in rows]
+    pts = [(seconds_of(r), r["fid"]["mean"]) for r in rows]
     for (x0, y0), (x1, y1) in zip(pts, pts[1:], strict=False):
         if x0 <= seconds <= x1:
             return y0 + (y1 - y0) * (seconds - x0) / max(x1 - x0, 1e-9)
@@ -136,7 +183,7 @@ def comparisons(curves: dict[str, list[dict]]) -> list[dict[str, Any]]:
             rb = by_step.get(ra["step"])
             if rb is None:
                 continue
-            seconds = ra["train_seconds"]["mean"]
+            seconds = seconds_of(ra)
             steps.append({"step": ra["step"], "fid_a": ra["fid"]["mean"],
                           "fid_b": rb["fid"]["mean"],
                           "a_minus_b": ra["fid"]["mean"] - rb["fid"]["mean"],
@@ -198,7 +245,7 @@ def table_markdown(summary: dict) -> str:
     for label, rows in summary["curves"].items():
         by_step = {r["step"]: r for r in rows}
         last = rows[-1]
-        cells = [label, str(last["fid"]["n"]), _num(last["steps_per_s"])]
+        cells = [label, str(last["fid"]["n"]), _num(speed_of(last))]
         cells += [_num(by_step[s]["fid"], 1) if s in by_step else "" for s in steps]
         cells.append(f"{_num(last['precision'], 3)} / {_num(last['recall'], 3)}")
         lines.append("| " + " | ".join(cells) + " |")

@@ -217,3 +217,67 @@ def test_paper_scale_on_cpu_says_so_and_runs_nothing(tmp_path, capsys):
     assert chart.run_chart(args) == 2
     assert "--scale small" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()
+
+
+def test_long_plan_rows_seeds_and_shared_runs(tmp_path):
+    """The long plan: each row's seeds, MaskDiT's fine-tune row sharing its pre-training
+    run with the no-fine-tune row, ablation rows in runs of their own, no mask sweep."""
+    args = toy_args(tmp_path, plan="long", seeds=None, steps=None, fid_samples=None,
+                    mask_ratios=None)
+    settings = chart.settings_from_args(args)
+    assert settings.steps == (1000, 2000, 3000) and settings.fid_samples == 1000
+    assert settings.seeds == (0, 1, 2) and settings.mask_ratios == ()
+    plan = chart.build_plan(settings)
+    seeds = {}
+    for spec in plan:
+        seeds.setdefault(spec.row, []).append(spec.seed)
+    assert seeds == {"DiT": [0, 1, 2], "MaskDiT": [0, 1, 2], "MaskDiT (no fine-tune)": [0, 1, 2],
+                     "SD-DiT": [0, 1, 2], "SD-DiT (lambda_dis=0)": [0, 1, 2], "MDT": [0],
+                     "SD-DiT (teacher at student sigma)": [0]}
+    by_row = {(s.row, s.seed): s for s in plan}
+    ft, plain = by_row[("MaskDiT", 1)], by_row[("MaskDiT (no fine-tune)", 1)]
+    assert ft.key == plain.key and ft.point_key != plain.point_key  # one pre-training run
+    assert [ft.finetune_steps(s) for s in settings.steps] == [50, 100, 150]
+    ablation = by_row[("SD-DiT (lambda_dis=0)", 0)]
+    assert ablation.key != by_row[("SD-DiT", 0)].key
+    assert chart.run_config(settings, ablation).model.overrides["lambda_dis"] == 0.0
+    branch = chart_run.finetune_config(settings, ft, 2000)
+    assert (branch.schedule.total_steps, branch.schedule.unmasked_finetune_steps) == (2100, 100)
+    assert branch.run.dir != chart.run_config(settings, ft).run.dir
+
+
+@pytest.mark.timeout(240)
+def test_finetune_row_scores_branches_and_the_clock_is_back_to_back(tmp_path):
+    """MaskDiT as published at toy size: each checkpoint continued unmasked in a branch
+    (the MAE term is 0 there), scored at S + F steps; the no-fine-tune row is the
+    pre-training run itself. With throughput.json the wall-clock axis and the pairwise
+    comparisons use the back-to-back step rates."""
+    args = toy_args(tmp_path, plan="long", seeds="0,1", steps="4,8", methods="MaskDiT",
+                    mask_ratios=None, keep_checkpoints=True)
+    settings = chart.settings_from_args(args)
+    chart.run_chart_plan(settings, network=stub_network())
+    out = tmp_path / "out"
+    branch_log = tmp_path / "work" / "MaskDiT-tiny_r0.50_s1_ft0000008" / "metrics.jsonl"
+    rows = [json.loads(line) for line in branch_log.read_text().splitlines()]
+    assert [r["loss/mae"] for r in rows if r["event"] == "train"] == [0.0]  # unmasked
+    points = {p.name: json.loads(p.read_text()) for p in (out / "points").glob("*.json")}
+    assert len(points) == 8  # 2 rows x 2 seeds x 2 checkpoints
+    ft = points["MaskDiT-tiny_r0.50_s1_ft_step0000008.json"]
+    assert (ft["row"], ft["finetune_steps"], ft["trained_steps"]) == ("MaskDiT", 1, 9)
+    plain = points["MaskDiT-tiny_r0.50_s1_step0000008.json"]
+    assert (plain["row"], plain["trained_steps"]) == ("MaskDiT (no fine-tune)", 8)
+    assert ft["train_seconds"] > plain["train_seconds"] and ft["fid"] != plain["fid"]
+    rates = {"results": [
+        {"method": "MaskDiT", "row": "MaskDiT", "sets": [], "steps_per_s": 4.0},
+        {"method": "MaskDiT", "row": "MaskDiT (fine-tune stage)",
+         "sets": ["model.overrides.mask_ratio=0.0"], "steps_per_s": 2.0}]}
+    (out / "throughput.json").write_text(json.dumps(rates))
+    chart.run_chart_plan(settings, network=stub_network())  # nothing left: redraws
+    summary = json.loads((out / "chart.json").read_text())
+    last = summary["curves"]["MaskDiT"][-1]
+    assert last["wall_seconds"]["mean"] == pytest.approx(8 / 4.0 + 1 / 2.0)
+    assert summary["curves"]["MaskDiT (no fine-tune)"][-1]["wall_seconds"]["mean"] == 2.0
+    (pair,) = summary["comparisons"]
+    assert (pair["a"], pair["b"]) == ("MaskDiT", "MaskDiT (no fine-tune)")
+    assert [row["step"] for row in pair["by_step"]] == [4, 8]
+    assert "| MaskDiT | 2 | 4.00" in (out / "table.md").read_text()
