@@ -109,15 +109,7 @@ PYEOF
 )
   echo "[setup] offline: nothing installed; the project is on build/venv's path."
   [ -z "$missing" ] || echo "[setup] not importable (their features and tests skip): $missing"
-  # diffusers, the extra `latents` (the VAE of latent runs; optional for users: pixel runs do
-# not need it). Installed here so that the latent end-to-end test runs in CI, which fails
-# if it cannot be installed. SDDIT_LATENTS=0 skips it.
-if [ "${SDDIT_LATENTS:-1}" = 1 ] && ! "$VPY" -c "import diffusers" 2>/dev/null; then
-  pip_install -e ".[latents]" || \
-    { echo "[setup] warning: diffusers not installed; the latent tests will skip";
-      if [ "${CI:-}" = true ]; then exit 1; fi; }
-fi
-echo "[setup] ready: $VPY"
+  echo "[setup] ready: $VPY"
   exit 0
 fi
 
