@@ -43,6 +43,7 @@ from bench.chart_plan import (
     ChartError,
     Settings,
     build_plan,
+    pin_precision,
     run_config,
     settings_from_args,
 )
@@ -110,6 +111,9 @@ def run_chart(args: argparse.Namespace) -> int:
         torch.set_num_threads(settings.threads)
     elif not torch.cuda.is_available():
         torch.set_num_threads(1)
+    settings, decided = pin_precision(settings)
+    if decided:
+        print(f"bench.chart: every run trains in {decided}")
     if args.throughput_only:
         return throughput_only(settings)
     if settings.scale == "paper" and not torch.cuda.is_available():

@@ -9,7 +9,7 @@ import argparse
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -220,6 +220,26 @@ def preset_mask_ratio(settings: Settings, method: str, sets: tuple[str, ...] = (
     fields = dict(cfg.model.overrides)
     return float(model.make_config(method_model_name(settings.scale, method, False),
                                    **fields).mask_ratio)
+
+
+def pin_precision(settings: Settings) -> tuple[Settings, str | None]:
+    """One precision for every run of the chart: where the recipe leaves run.precision at
+    "auto", decide it once now (train/execution.py, measured at the first row's width) and
+    pin it, so that no run decides alone on a busy moment. Returns the settings with the
+    pin added (unchanged when a precision is already set) and the decision's reason."""
+    from train.config import load_config
+    from train.distributed import resolve_device
+    from train.execution import choose_precision
+
+    row = plan_rows(settings)[0]
+    cfg = load_config(method_config(settings.scale, False), [*settings.overrides, *row.sets])
+    if cfg.run.precision != "auto":
+        return settings, None
+    width = model.make_config(method_model_name(settings.scale, row.method, False),
+                              **cfg.model.overrides).hidden_size
+    choice = choose_precision("auto", resolve_device(cfg.run.device), width)
+    pinned = (*settings.overrides, f'run.precision="{choice.name}"')
+    return replace(settings, overrides=pinned), f"{choice.name}: {choice.reason}"
 
 
 def plan_rows(settings: Settings) -> tuple[Row, ...]:

@@ -281,3 +281,24 @@ def test_finetune_row_scores_branches_and_the_clock_is_back_to_back(tmp_path):
     assert (pair["a"], pair["b"]) == ("MaskDiT", "MaskDiT (no fine-tune)")
     assert [row["step"] for row in pair["by_step"]] == [4, 8]
     assert "| MaskDiT | 2 | 4.00" in (out / "table.md").read_text()
+
+
+def test_one_precision_is_decided_for_every_run_of_the_chart(tmp_path, monkeypatch):
+    """run.precision "auto" is measured once for the whole chart and pinned in every run's
+    config, so no run decides on its own at a busy moment; a set precision is kept."""
+    from train import execution
+
+    calls = []
+
+    def fake(width, device, **kw):
+        calls.append(width)
+        return execution.MatmulTimings((4096, width, 4 * width), 1, 2.0, 1.0)
+
+    monkeypatch.setattr(execution, "time_matmuls", fake)
+    settings = chart.settings_from_args(toy_args(tmp_path))
+    pinned, reason = chart.pin_precision(settings)
+    assert calls == [32] and reason.startswith("bf16")
+    assert {chart.run_config(pinned, spec).run.precision
+            for spec in chart.build_plan(pinned)} == {"bf16"}
+    forced = chart.settings_from_args(toy_args(tmp_path, set=[*TOY, "run.precision='fp32'"]))
+    assert chart.pin_precision(forced) == (forced, None) and len(calls) == 1

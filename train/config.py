@@ -80,7 +80,7 @@ class RunConfig:
     dir: str = "runs/default"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
-    # auto: bf16 autocast on CUDA; on CPU bf16 where a bf16 matmul measures >= 1.5x fp32
+    # auto: bf16 autocast on CUDA; on CPU bf16 where a bf16 matmul measures >= 1.25x fp32
     # (bf16 matrix units), else fp32 (train/execution.py)
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     # auto: on CPU, torch.compile when the run is long enough to repay it (>= 400 steps);

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -34,11 +33,13 @@ from torch import nn
 
 from train.config import compile_mode
 
-# bf16 must buy at least this much matmul speed over fp32 to be chosen: below it, the
-# casts and bf16's coarser rounding are not worth it (measured here: 2.2-2.6x on an AMD
-# EPYC with AVX512-BF16, 7-8x on Intel Xeons with AMX; well under 1x where bf16 is
-# emulated).
-BF16_MIN_SPEEDUP = 1.5
+# bf16 must buy at least this much matmul speed over fp32 to be chosen. CPUs fall into two
+# clear groups: with bf16 matrix units 2.2-2.6x (AMD EPYC, AVX512-BF16, measured here) to
+# 7-8x (Intel AMX); without them bf16 is emulated and slower than fp32 (under 1x). The
+# threshold sits between the groups, far enough from both that a busy machine's timing
+# noise (seen here: a 2.4x CPU measured 1.48x once under load, with medians) cannot move
+# a CPU across it.
+BF16_MIN_SPEEDUP = 1.25
 # A cold CPU compile of a tiny preset's step takes 40-70 s and saves about 40% of a
 # 0.2-0.5 s step, so it is repaid after a few hundred steps; a warm inductor cache
 # (build/inductor-cache) repays it sooner.
@@ -62,7 +63,7 @@ def inductor_options(device: torch.device) -> dict[str, Any] | None:
 
 @dataclass(frozen=True)
 class MatmulTimings:
-    """Median milliseconds of one [rows, width] @ [width, 4 width] matmul per dtype."""
+    """Best-of-reps milliseconds of one [rows, width] @ [width, 4 width] matmul per dtype."""
 
     shape: tuple[int, int, int]
     threads: int
@@ -74,30 +75,37 @@ class MatmulTimings:
         return self.fp32_ms / self.bf16_ms if self.bf16_ms else 0.0
 
 
-def _median_ms(fn: Callable[[], object], reps: int) -> float:
-    fn()  # warm-up: first-call allocation and kernel selection
-    times = []
+def _best_ms(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+    """The fastest of `reps` timed calls of each function, the functions interleaved: other
+    work on the machine only ever slows a call down, so the minimum is the estimate least
+    moved by it, and interleaving exposes every function to the same load."""
+    for fn in fns.values():
+        fn()  # warm-up: first-call allocation and kernel selection
+    best = dict.fromkeys(fns, float("inf"))
     for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(1e3 * (time.perf_counter() - start))
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], 1e3 * (time.perf_counter() - start))
+    return best
 
 
-def time_matmuls(width: int, device: torch.device, rows: int = 4096, reps: int = 5
+def time_matmuls(width: int, device: torch.device, rows: int = 4096, reps: int = 7
                  ) -> MatmulTimings:
     """The MLP's first matmul at the model's width, in fp32 and bf16 (a few ms on CPU)."""
     shape = (rows, width, 4 * width)
     g = torch.Generator().manual_seed(0)
     a = torch.randn(rows, width, generator=g).to(device)
     b = torch.randn(width, 4 * width, generator=g).to(device)
-    fp32 = _median_ms(lambda: a @ b, reps)
+    fns: dict[str, Callable[[], object]] = {"fp32": lambda: a @ b}
     try:
         a16, b16 = a.bfloat16(), b.bfloat16()
-        bf16: float | None = _median_ms(lambda: a16 @ b16, reps)
-    except RuntimeError:
-        bf16 = None
-    return MatmulTimings(shape, torch.get_num_threads(), fp32, bf16)
+        (a16 @ b16).sum()
+        fns["bf16"] = lambda: a16 @ b16
+    except RuntimeError:  # no bf16 matmul on this device
+        pass
+    best = _best_ms(fns, reps)
+    return MatmulTimings(shape, torch.get_num_threads(), best["fp32"], best.get("bf16"))
 
 
 # ----------------------------------------------------------------------------- threads
@@ -107,7 +115,7 @@ def time_matmuls(width: int, device: torch.device, rows: int = 4096, reps: int =
 class ThreadsChoice:
     threads: int
     reason: str
-    timings_ms: dict[int, float]  # threads -> median ms of the probe matmul
+    timings_ms: dict[int, float]  # threads -> best ms of the probe matmul
 
     def record(self) -> dict[str, Any]:
         return {"threads": self.threads, "reason": self.reason,
@@ -320,7 +328,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     """--precision and --compile for the commands that sample (`sddit sample`, `eval`)."""
     parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                         help="network precision while sampling (auto: bf16 on CUDA, and on "
-                             "CPUs whose bf16 matmul measures >= 1.5x fp32; the ODE state "
+                             "CPUs whose bf16 matmul measures >= 1.25x fp32; the ODE state "
                              "stays float64)")
     parser.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
                         help=f"torch.compile the network's forward (auto: on CPU from "
