@@ -34,6 +34,11 @@ def add_precision_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", default="0,1", help="comma list of training seeds (default 0,1)")
     p.add_argument("--fid-samples", type=int, default=500, help="samples per FID (default 500)")
     p.add_argument("--fid-steps", type=int, default=18, help="Heun steps (default 18)")
+    p.add_argument("--reference", default="animal-mnist:test",
+                   help="FID reference (default: the 1,000 held-out animal-mnist images)")
+    p.add_argument("--cache-dir", default=None, help="FID reference statistics cache")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="KEY=VALUE", help="config override for every run (repeatable)")
     p.add_argument("--config", default=os.path.join("configs", "tiny.toml"))
     p.add_argument("--work", default=os.path.join("runs", "precision-fid"),
                    help="run folders (a finished run is reused, not retrained)")
@@ -61,7 +66,8 @@ def train_and_score(args: argparse.Namespace, precision: str, seed: int) -> dict
     run_dir = os.path.join(args.work, f"{precision}-seed{seed}")
     cfg = load_config(args.config, [
         f"run.dir={json.dumps(run_dir)}", f"run.seed={seed}", f"run.precision='{precision}'",
-        "run.compile='off'", f"schedule.total_steps={args.steps}", "schedule.ckpt_every=0"])
+        "run.compile='off'", f"schedule.total_steps={args.steps}", "schedule.ckpt_every=0",
+        *args.overrides])
     started = time.monotonic()
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None or not checkpoint.endswith(f"{args.steps:08d}.pt"):
@@ -72,8 +78,8 @@ def train_and_score(args: argparse.Namespace, precision: str, seed: int) -> dict
                            "train_seconds": trained_s, "checkpoint": checkpoint}
     for sampling in [precision] + (["fp32"] if precision != "fp32" else []):
         scores = evaluate_net(accelerated_denoiser(net, sampling, "off"), args.fid_samples,
-                              reference="animal-mnist:test", num_steps=args.fid_steps,
-                              progress=True, fid_method="features")
+                              reference=args.reference, num_steps=args.fid_steps,
+                              progress=True, fid_method="features", cache_dir=args.cache_dir)
         key = "fid" if sampling == precision else "fid_fp32_sampling"
         row[key] = scores["fid"]
         if sampling == precision:
