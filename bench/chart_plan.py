@@ -53,14 +53,16 @@ LONG_ROWS = (
         ('model.overrides.teacher_sigma="student"',), "tstudent", seeds=1),
 )
 
-# Plans for --scale small: checkpoint steps (the last is each run's length), FID samples,
-# and optionally rows, seeds and the mask sweep (else: a row per --methods entry, --seeds,
-# the sweep of --mask-ratios). "default" fits ~45 min on 2 shared CPU cores; "long" is
-# sized for ~4 CPU hours with the CPU fast path (docs/chart.md).
+# Plans for --scale small: checkpoint steps, FID samples, and optionally each run's planned
+# length (run_steps; default: the last checkpoint), rows, seeds and the mask sweep (else: a
+# row per --methods entry, --seeds, the sweep of --mask-ratios). "default" fits ~45 min on
+# 2 shared CPU cores. "long" scores runs planned for 3,000 steps (their warm-ups and
+# teacher-momentum cosines) at 1k and 2k: what ~4 CPU hours with the CPU fast path afford
+# for its 14 runs, 6 fine-tune branches and 34 FID-1000 points (docs/chart.md).
 SMALL_PLANS: dict[str, dict[str, Any]] = {
     "default": {"steps": (100, 200, 300), "fid_samples": 200},
-    "long": {"steps": (1000, 2000, 3000), "fid_samples": 1000, "rows": LONG_ROWS,
-             "seeds": (0, 1, 2), "mask_ratios": ()},
+    "long": {"steps": (1000, 2000), "run_steps": 3000, "fid_samples": 1000,
+             "rows": LONG_ROWS, "seeds": (0, 1, 2), "mask_ratios": ()},
 }
 # --scale paper: FID-50K at these steps (assumed: 100k apart up to the 400k of the
 # published table), EDM Heun with 18 steps (35 evaluations), no guidance.
@@ -93,6 +95,7 @@ class Settings:
     progress: bool = True
     cache_dir: str | None = None  # FID reference statistics (None: $SDDIT_CACHE or ~/.cache)
     rows: tuple[Row, ...] = ()  # empty: one plain row per method
+    run_steps: int = 0  # each run's planned length (0: the last checkpoint step)
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,11 @@ class RunSpec:
     sets: tuple[str, ...] = ()  # the row's config overrides
     slug: str = ""
     finetune_frac: float = 0.0
+    run_steps: int = 0  # the planned length (schedule.total_steps); 0: the last of `steps`
+
+    @property
+    def planned_steps(self) -> int:
+        return max(self.run_steps, self.steps[-1])
 
     @property
     def key(self) -> str:
@@ -165,7 +173,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         sampler_steps=args.sampler_steps or (18 if paper else 12), cfg_scale=args.cfg_scale,
         fid_batch=args.fid_batch or (250 if paper else 64), overrides=tuple(args.set or ()),
         keep_checkpoints=args.keep_checkpoints, threads=args.threads,
-        progress=not args.no_progress, cache_dir=args.cache_dir, rows=rows)
+        progress=not args.no_progress, cache_dir=args.cache_dir, rows=rows,
+        run_steps=int(plan.get("run_steps", 0)))
     validate_settings(settings)
     return settings
 
@@ -260,7 +269,7 @@ def build_plan(settings: Settings) -> list[RunSpec]:
                            method_config(settings.scale, False),
                            preset_mask_ratio(settings, row.method, row.sets), seed,
                            settings.steps, False, row.label, row.sets, row.slug,
-                           row.finetune_frac)
+                           row.finetune_frac, settings.run_steps)
             runs[spec.point_key] = spec
         for ratio in settings.mask_ratios:
             spec = RunSpec("SD-DiT", method_model_name(settings.scale, "SD-DiT", True),
@@ -275,7 +284,7 @@ def run_config(settings: Settings, spec: RunSpec):
 
     sets = [f"model.name={json.dumps(spec.model_name)}",
             f"run.dir={json.dumps(os.path.join(settings.work_dir, spec.key))}",
-            f"run.seed={spec.seed}", f"schedule.total_steps={spec.steps[-1]}",
+            f"run.seed={spec.seed}", f"schedule.total_steps={spec.planned_steps}",
             *settings.overrides, *spec.sets]
     if spec.sweep:
         sets.append(f"model.overrides.mask_ratio={spec.mask_ratio}")

@@ -225,7 +225,7 @@ def test_long_plan_rows_seeds_and_shared_runs(tmp_path):
     args = toy_args(tmp_path, plan="long", seeds=None, steps=None, fid_samples=None,
                     mask_ratios=None)
     settings = chart.settings_from_args(args)
-    assert settings.steps == (1000, 2000, 3000) and settings.fid_samples == 1000
+    assert settings.steps == (1000, 2000) and settings.fid_samples == 1000
     assert settings.seeds == (0, 1, 2) and settings.mask_ratios == ()
     plan = chart.build_plan(settings)
     seeds = {}
@@ -237,7 +237,10 @@ def test_long_plan_rows_seeds_and_shared_runs(tmp_path):
     by_row = {(s.row, s.seed): s for s in plan}
     ft, plain = by_row[("MaskDiT", 1)], by_row[("MaskDiT (no fine-tune)", 1)]
     assert ft.key == plain.key and ft.point_key != plain.point_key  # one pre-training run
-    assert [ft.finetune_steps(s) for s in settings.steps] == [50, 100, 150]
+    assert [ft.finetune_steps(s) for s in settings.steps] == [50, 100]
+    # Runs are planned for 3,000 steps (their schedules) and scored at 1k and 2k.
+    assert {s.planned_steps for s in plan} == {3000}
+    assert chart.run_config(settings, plain).schedule.total_steps == 3000
     ablation = by_row[("SD-DiT (lambda_dis=0)", 0)]
     assert ablation.key != by_row[("SD-DiT", 0)].key
     assert chart.run_config(settings, ablation).model.overrides["lambda_dis"] == 0.0
