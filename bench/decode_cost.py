@@ -43,15 +43,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latent-size", type=int, default=32, help="h = w of the latents")
     parser.add_argument("--batch", type=int, default=8, help="images per decode call")
     parser.add_argument("--repeats", type=int, default=3, help="timed batches after a warm-up")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="auto",
+                        help="auto | cpu | cuda (auto: cuda if available, else cpu)")
     parser.add_argument("--out", default=None, help="write the record here (JSON)")
 
 
 def _check(args: argparse.Namespace) -> None:
+    """Checks the arguments and resolves --device to a torch.device (train.distributed)."""
+    from train.distributed import resolve_device
+
     for name in ("latent_size", "batch", "repeats"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got "
                              f"{getattr(args, name)}")
+    try:
+        args.device = resolve_device(args.device, what="--device")
+    except RuntimeError as exc:  # 'cuda' without a CUDA device: a bad argument here
+        raise ValueError(str(exc)) from None
 
 
 def decoder_flops(decoder, latent: torch.Tensor) -> float:

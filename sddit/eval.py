@@ -71,7 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="--ckpt of a latent run: the AutoencoderKL folder that decodes its samples "
         "(default: the one the run recorded; for a run moved to another machine)",
     )
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--device", default="auto",
+                        help="auto | cpu | cuda (auto: cuda if available, else cpu)")
     from train.execution import add_sampling_arguments
 
     add_sampling_arguments(parser)
@@ -90,19 +91,17 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run_eval)
 
 
-def _init_distributed(device_arg: str | None) -> tuple[torch.device, bool]:
-    """Join torchrun's process group when launched by it; pick this rank's device."""
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    cuda = torch.cuda.is_available() and (device_arg is None or device_arg.startswith("cuda"))
-    if launched and not dist.is_initialized():
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if cuda else "gloo")
-    if launched and cuda:
-        return torch.device("cuda", torch.cuda.current_device()), launched
-    if device_arg is not None:
-        return torch.device(device_arg), launched
-    return torch.device("cuda" if cuda else "cpu"), launched
+def _init_distributed(device_arg: str) -> tuple[torch.device, bool]:
+    """Join torchrun's process group when launched by it, on this rank's device
+    (train.distributed decides, as for training). Returns (device, launched)."""
+    from train.config import UsageError
+    from train.distributed import init_distributed
+
+    try:
+        info = init_distributed(device_arg, what="--device")
+    except (ValueError, RuntimeError) as exc:
+        raise UsageError(str(exc)) from None
+    return info.device, info.distributed
 
 
 def save_grid(images: np.ndarray, path: str | Path) -> None:

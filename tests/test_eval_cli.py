@@ -38,6 +38,19 @@ def test_eval_parser_registers_as_a_subcommand() -> None:
         parser.parse_args(["eval", "--num", "10"])
 
 
+@pytest.mark.timeout(60)
+def test_eval_device_is_decided_where_training_decides_it(tmp_path, capsys) -> None:
+    """--device goes through train.distributed.resolve_device: a bad value or a CUDA request
+    without CUDA is one line naming --device, exit 2, before any scoring."""
+    samples = tmp_path / "s.npz"
+    np.savez(samples, arr_0=np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), np.uint8))
+    assert sddit_main(["eval", "--samples", str(samples), "--device", "nope"]) == 2
+    assert "--device must be 'auto', 'cpu' or 'cuda', got 'nope'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert sddit_main(["eval", "--samples", str(samples), "--device", "cuda"]) == 2
+        assert "--device = 'cuda' but no CUDA device" in capsys.readouterr().err
+
+
 def random_reference(path):
     """A reference .npz with random features (40 of them), for tests about the evaluation
     pipeline rather than the value of the FID."""

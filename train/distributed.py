@@ -50,12 +50,13 @@ def resolve_device(preference: str, local_rank: int = 0, what: str = "run.device
     raise ValueError(f"{what} must be 'auto', 'cpu' or 'cuda', got {preference!r}")
 
 
-def init_distributed(device_preference: str = "auto") -> DistInfo:
-    """Joins the process group that torchrun describes in the environment (env://)."""
+def init_distributed(device_preference: str = "auto", what: str = "run.device") -> DistInfo:
+    """Joins the process group that torchrun describes in the environment (env://), on
+    this rank's device (resolve_device; `what` names the setting in its errors)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_preference, local_rank)
+    device = resolve_device(device_preference, local_rank, what)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():

@@ -495,7 +495,8 @@ def add_prepare_latents_parser(subparsers: argparse._SubParsersAction) -> argpar
     parser.add_argument("--dtype", choices=("float16", "float32"), default="float16")
     parser.add_argument("--scale", type=float, default=None,
                         help="latent scale to record (default: the VAE config's)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="auto",
+                        help="auto | cpu | cuda (auto: cuda if available, else cpu)")
     parser.add_argument("--on-corrupt", choices=("error", "skip"), default="error")
     parser.add_argument("--num-workers", type=int, default=4)
     parser.add_argument("--overwrite", action="store_true",
@@ -505,21 +506,23 @@ def add_prepare_latents_parser(subparsers: argparse._SubParsersAction) -> argpar
 
 
 def _join_torchrun(device_arg: str) -> tuple[torch.device, bool]:
-    """Under torchrun (WORLD_SIZE > 1): join its process group (NCCL on CUDA, else gloo)
-    and take this rank's GPU. Returns (device, whether this call made the group)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return torch.device(device_arg), False
-    cuda = torch.device(device_arg).type == "cuda"
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo")
-    return (torch.device("cuda", torch.cuda.current_device()) if cuda
-            else torch.device(device_arg)), True
+    """Under torchrun (WORLD_SIZE > 1): join its process group on this rank's device
+    (train.distributed decides, as for training). Returns (device, whether this call made
+    the group)."""
+    from train.distributed import init_distributed
+
+    was_joined = dist.is_initialized()
+    info = init_distributed(device_arg, what="--device")
+    return info.device, dist.is_initialized() and not was_joined
 
 
 def run_prepare_latents(args: argparse.Namespace) -> int:
     """The CLI entry: a bad argument or path is reported in one line, exit status 2."""
-    device, joined = _join_torchrun(args.device)
+    try:
+        device, joined = _join_torchrun(args.device)
+    except (ValueError, RuntimeError) as exc:
+        print(f"sddit prepare-latents: {exc}", file=sys.stderr)
+        return 2
     try:
         index = prepare_latents(
             args.image_folder, args.out_dir, vae_path=args.vae_path, scale=args.scale,
