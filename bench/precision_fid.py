@@ -20,7 +20,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from typing import Any
 
 from bench._harness import environment, module_main, write_json
@@ -68,11 +67,10 @@ def train_and_score(args: argparse.Namespace, precision: str, seed: int) -> dict
         f"run.dir={json.dumps(run_dir)}", f"run.seed={seed}", f"run.precision='{precision}'",
         "run.compile='off'", f"schedule.total_steps={args.steps}", "schedule.ckpt_every=0",
         *args.overrides])
-    started = time.monotonic()
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None or not checkpoint.endswith(f"{args.steps:08d}.pt"):
         checkpoint = train(cfg, resume=checkpoint is not None).checkpoint
-    trained_s = time.monotonic() - started
+    trained_s = logged_train_seconds(os.path.join(run_dir, "metrics.jsonl"))
     net, meta = load_sampling_model(checkpoint, "cpu")
     row: dict[str, Any] = {"precision": precision, "seed": seed, "step": meta["step"],
                            "train_seconds": trained_s, "checkpoint": checkpoint}
@@ -85,6 +83,23 @@ def train_and_score(args: argparse.Namespace, precision: str, seed: int) -> dict
         if sampling == precision:
             row["pr_precision"], row["pr_recall"] = scores["precision"], scores["recall"]
     return row
+
+
+def logged_train_seconds(metrics_path: str) -> float | None:
+    """Wall seconds the run spent training, from its own log (each start to its end event),
+    so a finished run that is reused reports the time it took, not 0."""
+    total, started = 0.0, None
+    try:
+        with open(metrics_path) as f:
+            for line in f:
+                event = json.loads(line)
+                if event.get("event") == "start":
+                    started = event["time"]
+                elif event.get("event") == "end" and started is not None:
+                    total, started = total + event["time"] - started, None
+    except (OSError, ValueError, KeyError):
+        return None
+    return total or None
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -117,8 +132,10 @@ def run_precision(args: argparse.Namespace) -> int:
             payload["results"].append(row)
             payload["summary"] = summarise(payload["results"])
             write_json(args.out, payload)
+            took = row["train_seconds"]
             print(f"{precision} seed {seed}: FID({args.fid_samples}) {row['fid']:.2f} at step "
-                  f"{row['step']} (trained in {row['train_seconds']:.0f} s)", flush=True)
+                  f"{row['step']} (trained in "
+                  f"{'?' if took is None else format(took, '.0f')} s)", flush=True)
     print(json.dumps(payload["summary"], indent=2))
     print(f"wrote {args.out}")
     return 0

@@ -37,6 +37,10 @@ def test_precision_bench_trains_both_dtypes_and_scores_them(tmp_path):
             rows[("bf16", seed)]["fid"] - rows[("fp32", seed)]["fid"])
     assert summary["seed_std"]["fp32"] > 0
     stamp = (tmp_path / "runs" / "fp32-seed0" / "metrics.jsonl").stat().st_mtime_ns
+    trained = rows[("fp32", 0)]["train_seconds"]
+    assert trained > 0
     assert cli.main(argv) == 0  # the finished runs are scored again, not retrained
     assert (tmp_path / "runs" / "fp32-seed0" / "metrics.jsonl").stat().st_mtime_ns == stamp
+    again = json.loads((tmp_path / "out.json").read_text())["results"][0]
+    assert again["train_seconds"] == pytest.approx(trained)  # from the run's log, not 0
     assert cli.main([*argv[:5], "x,1", *argv[6:]]) == 2  # a bad --seeds, before any work
