@@ -372,6 +372,7 @@ def run_chart_plan(settings: Settings, network=None) -> dict[str, Any]:
 
     summary = summarise(settings, plan, env)
     summary["pictures"] = draw_all(summary, settings.out)
+    summary["run_configs"] = save_run_configs(settings, plan)
     write_json(os.path.join(settings.out, "chart.json"), summary)
     with open(os.path.join(settings.out, "table.md"), "w") as f:
         f.write(table_markdown(summary))
@@ -381,6 +382,25 @@ def run_chart_plan(settings: Settings, network=None) -> dict[str, Any]:
             for step in spec.steps if spec.finetune_frac else ():
                 shutil.rmtree(finetune_dir(settings, spec, step), ignore_errors=True)
     return summary
+
+
+def save_run_configs(settings: Settings, plan: list[RunSpec]) -> list[str]:
+    """Each training run's resolved config (seed included) and each fine-tune branch's,
+    copied to --out/configs/, so the results say how every point was trained after the
+    work dir is gone. Returns the paths relative to --out."""
+    folders = {spec.key: os.path.join(settings.work_dir, spec.key) for spec in plan}
+    for spec in plan:
+        for step in spec.steps if spec.finetune_frac else ():
+            folder = finetune_dir(settings, spec, step)
+            folders[os.path.basename(folder)] = folder
+    saved = []
+    for name, folder in sorted(folders.items()):
+        source = os.path.join(folder, "config.json")
+        if os.path.isfile(source):
+            os.makedirs(os.path.join(settings.out, "configs"), exist_ok=True)
+            shutil.copyfile(source, os.path.join(settings.out, "configs", f"{name}.json"))
+            saved.append(f"configs/{name}.json")
+    return saved
 
 
 # ----------------------------------------------------------------------------- throughput

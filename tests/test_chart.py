@@ -104,6 +104,12 @@ def check_outputs(out: Path, work: Path) -> dict:
             picture = out / f"{stem}.{ext}"
             assert picture.is_file() and picture.stat().st_size > 1000, picture
             assert f"{stem}.{ext}" in summary["pictures"]
+    assert summary["run_configs"] == sorted(f"configs/{p.name}" for p in
+                                            (out / "configs").glob("*.json"))
+    assert len(summary["run_configs"]) == len(model.METHODS) + 1  # the methods, mask-0 sweep
+    for name in summary["run_configs"]:
+        config = json.loads((out / name).read_text())
+        assert config["run"]["seed"] == 0 and config["schedule"]["total_steps"] == 4
     assert not list(out.rglob("*.pt")), "checkpoints must not land in the results folder"
     assert not work.exists() or not list(work.rglob("*.pt")), "checkpoints are cleaned up"
     return summary
