@@ -18,7 +18,7 @@ import sys
 from bench.cli import add_bench_parser, add_profile_parser, run_bench, run_profile
 from sddit.demo import add_demo_parser, run_demo
 from sddit.eval import add_eval_parser, run_eval
-from train.data.latents import add_prepare_latents_parser, run_prepare_latents
+from sddit.prepare_latents import add_prepare_latents_parser, run_prepare_latents
 from train.sample import add_sample_parser, run_sample
 
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 from test_data import make_image_folder, truncate
 
+from sddit.prepare_latents import add_prepare_latents_parser
 from train.data import (
     DataConfig,
     adm_center_crop,
@@ -23,7 +24,6 @@ from train.data import (
     sample_latents,
 )
 from train.data.latents import (
-    add_prepare_latents_parser,
     index_vae_folder,
     load_vae_encoder,
     prepare_latents,
