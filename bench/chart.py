@@ -121,7 +121,14 @@ def run_chart(args: argparse.Namespace) -> int:
               "CUDA device here. Use --scale small, or --throughput-only on a GPU.",
               file=sys.stderr)
         return 2
-    summary = run_chart_plan(settings)
+    from train.loop import TrainingInterrupted
+
+    try:
+        summary = run_chart_plan(settings)
+    except TrainingInterrupted as exc:  # SIGTERM / Ctrl-C: the run in progress saved
+        print(f"bench.chart: {exc}. Finished points are kept; rerun the same command to "
+              "continue from there.", file=sys.stderr)
+        return 128 + exc.signum
     if summary:  # rank 0
         print(format_summary(summary))
     return 0

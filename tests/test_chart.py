@@ -311,3 +311,18 @@ def test_one_precision_is_decided_for_every_run_of_the_chart(tmp_path, monkeypat
             for spec in chart.build_plan(pinned)} == {"bf16"}
     forced = chart.settings_from_args(toy_args(tmp_path, set=[*TOY, "run.precision='fp32'"]))
     assert chart.pin_precision(forced) == (forced, None) and len(calls) == 1
+
+
+@pytest.mark.timeout(60)
+def test_a_stopped_chart_says_how_to_continue(tmp_path, monkeypatch, capsys):
+    """SIGTERM during a chart's training: one line naming the saved checkpoint and the way
+    on, exit 128 + signal, no traceback."""
+    from train.loop import TrainingInterrupted
+
+    def stopped(settings, network=None):
+        raise TrainingInterrupted(15, str(tmp_path / "work" / "run" / "ckpt-00000003.pt"))
+
+    monkeypatch.setattr(chart, "run_chart_plan", stopped)
+    assert chart.run_chart(toy_args(tmp_path)) == 128 + 15
+    err = capsys.readouterr().err
+    assert "stopped by signal 15" in err and "ckpt-00000003.pt" in err and "rerun" in err
