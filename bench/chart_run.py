@@ -377,24 +377,27 @@ def run_chart_plan(settings: Settings, network=None) -> dict[str, Any]:
     with open(os.path.join(settings.out, "table.md"), "w") as f:
         f.write(table_markdown(summary))
     if not settings.keep_checkpoints:
-        for spec in plan:
-            shutil.rmtree(os.path.join(settings.work_dir, spec.key), ignore_errors=True)
-            for step in spec.steps if spec.finetune_frac else ():
-                shutil.rmtree(finetune_dir(settings, spec, step), ignore_errors=True)
+        for folder in run_folders(settings, plan).values():
+            shutil.rmtree(folder, ignore_errors=True)
     return summary
+
+
+def run_folders(settings: Settings, plan: list[RunSpec]) -> dict[str, str]:
+    """name -> folder of every training run of the plan and every fine-tune branch."""
+    folders = {spec.key: os.path.join(settings.work_dir, spec.key) for spec in plan}
+    for spec in plan:
+        for step in spec.steps if spec.finetune_frac else ():
+            folder = finetune_dir(settings, spec, step)
+            folders[os.path.basename(folder)] = folder
+    return folders
 
 
 def save_run_configs(settings: Settings, plan: list[RunSpec]) -> list[str]:
     """Each training run's resolved config (seed included) and each fine-tune branch's,
     copied to --out/configs/, so the results say how every point was trained after the
     work dir is gone. Returns the paths relative to --out."""
-    folders = {spec.key: os.path.join(settings.work_dir, spec.key) for spec in plan}
-    for spec in plan:
-        for step in spec.steps if spec.finetune_frac else ():
-            folder = finetune_dir(settings, spec, step)
-            folders[os.path.basename(folder)] = folder
     saved = []
-    for name, folder in sorted(folders.items()):
+    for name, folder in sorted(run_folders(settings, plan).items()):
         source = os.path.join(folder, "config.json")
         if os.path.isfile(source):
             os.makedirs(os.path.join(settings.out, "configs"), exist_ok=True)

@@ -56,6 +56,7 @@ def _seeds(text: str) -> list[int]:
 
 def train_and_score(args: argparse.Namespace, precision: str, seed: int) -> dict[str, Any]:
     """One run of the recipe in `precision` from `seed`, then its FID (fp32 sampling)."""
+    from bench.chart_run import throughput_from_log
     from metrics.evaluate import evaluate_net
     from train.checkpoint import latest_checkpoint, load_sampling_model
     from train.config import load_config
@@ -70,7 +71,9 @@ def train_and_score(args: argparse.Namespace, precision: str, seed: int) -> dict
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None or not checkpoint.endswith(f"{args.steps:08d}.pt"):
         checkpoint = train(cfg, resume=checkpoint is not None).checkpoint
-    trained_s = logged_train_seconds(os.path.join(run_dir, "metrics.jsonl"))
+    # From the run's own log, so a finished run that is reused reports what it took, not 0.
+    trained_s = throughput_from_log(os.path.join(run_dir, "metrics.jsonl"), args.steps,
+                                    cfg.schedule.batch_size)["train_seconds"]
     net, meta = load_sampling_model(checkpoint, "cpu")
     row: dict[str, Any] = {"precision": precision, "seed": seed, "step": meta["step"],
                            "train_seconds": trained_s, "checkpoint": checkpoint}
@@ -83,23 +86,6 @@ def train_and_score(args: argparse.Namespace, precision: str, seed: int) -> dict
         if sampling == precision:
             row["pr_precision"], row["pr_recall"] = scores["precision"], scores["recall"]
     return row
-
-
-def logged_train_seconds(metrics_path: str) -> float | None:
-    """Wall seconds the run spent training, from its own log (each start to its end event),
-    so a finished run that is reused reports the time it took, not 0."""
-    total, started = 0.0, None
-    try:
-        with open(metrics_path) as f:
-            for line in f:
-                event = json.loads(line)
-                if event.get("event") == "start":
-                    started = event["time"]
-                elif event.get("event") == "end" and started is not None:
-                    total, started = total + event["time"] - started, None
-    except (OSError, ValueError, KeyError):
-        return None
-    return total or None
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -132,10 +118,8 @@ def run_precision(args: argparse.Namespace) -> int:
             payload["results"].append(row)
             payload["summary"] = summarise(payload["results"])
             write_json(args.out, payload)
-            took = row["train_seconds"]
             print(f"{precision} seed {seed}: FID({args.fid_samples}) {row['fid']:.2f} at step "
-                  f"{row['step']} (trained in "
-                  f"{'?' if took is None else format(took, '.0f')} s)", flush=True)
+                  f"{row['step']} (trained in {row['train_seconds']:.0f} s)", flush=True)
     print(json.dumps(payload["summary"], indent=2))
     print(f"wrote {args.out}")
     return 0
