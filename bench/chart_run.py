@@ -18,6 +18,7 @@ import model
 from bench._harness import environment, write_json
 from bench.chart_plan import (
     SCHEMA,
+    UNMASKED_STAGE_SET,
     ChartError,
     RunSpec,
     Settings,
@@ -451,7 +452,7 @@ def throughput_specs(settings: Settings) -> list[tuple[str, RunSpec]]:
             out[row.label] = spec
         if row.finetune_frac:
             out[FINETUNE_STAGE.format(row.label)] = replace(
-                spec, sets=(*row.sets, "model.overrides.mask_ratio=0.0"))
+                spec, sets=(*row.sets, UNMASKED_STAGE_SET))
     return list(out.items())
 
 

@@ -11,7 +11,14 @@ import os
 import statistics
 from typing import Any
 
-from bench.chart_plan import SCHEMA, RunSpec, Settings, method_model_name, point_path
+from bench.chart_plan import (
+    SCHEMA,
+    UNMASKED_STAGE_SET,
+    RunSpec,
+    Settings,
+    method_model_name,
+    point_path,
+)
 
 
 def now_utc() -> str:
@@ -78,7 +85,7 @@ def _wall_seconds(point: dict, rates: dict) -> float | None:
     seconds = point["step"] / rate
     extra = point.get("finetune_steps") or 0
     if extra:
-        stage = rates.get((point["method"], (*sets, "model.overrides.mask_ratio=0.0")))
+        stage = rates.get((point["method"], (*sets, UNMASKED_STAGE_SET)))
         if stage is None:
             return None
         seconds += extra / stage
@@ -257,7 +264,7 @@ def format_summary(summary: dict) -> str:
              + summary["fid_note"]]
     for method, row in summary["final"].items():
         lines.append(f"  {method:<8} FID {_num(row['fid'])}  P {_num(row['precision'], 3)}"
-                     f"  R {_num(row['recall'], 3)}  {_num(row['steps_per_s'])} steps/s"
+                     f"  R {_num(row['recall'], 3)}  {_num(speed_of(row))} steps/s"
                      f"  {row['encoder_patches']} patches")
     for row in summary["mask_sweep"]:
         lines.append(f"  SD-DiT mask {row['mask_ratio']:.1f}: FID {_num(row['fid'])}")
